@@ -1,0 +1,217 @@
+"""Space-Time U-Net (STUNet): the text-to-image U-Net inflated with temporal layers.
+
+The spatial U-Net (`self.unet`, the frozen pretrained weights) runs every frame with frames
+folded into the batch. `self.temporal` holds everything new, all of it under the path
+"temporal" so that freezing is one filter:
+  - after every block of every level except the coarsest: a temporal convolution (3 taps over
+    frames), residual, its last projection zero-initialised;
+  - after every block at the coarsest level (and the middle): temporal self-attention over
+    the frame axis with space folded into the batch, zero-initialised output;
+  - next to each spatial down/up-sample on the configured levels: a temporal down-sample
+    (pairs of frames, initialised to their average) or up-sample (initialised to repeating
+    each frame), which makes the coarse levels see fewer frames.
+At initialisation the temporal residual branches are exactly zero, so without temporal sampling
+the STUNet equals the image model on each frame, and with it the same holds for a still video.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lumiere_jax.models import layers
+from lumiere_jax.models.unet import UNet, UNetConfig, block_names
+from lumiere_jax.parallel.sharding import partitioned
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class STUNetConfig:
+    unet: UNetConfig = UNetConfig()
+    # Levels whose spatial down-sample (and the mirrored up-sample) also halves (doubles) the
+    # frames. None = every level that has a spatial down-sample; () = no temporal sampling.
+    temporal_sampling_levels: tuple[int, ...] | None = None
+    temporal_sampling_init: str = "nearest"  # "nearest" (average / repeat) or "random"
+    temporal_conv: bool = True
+    temporal_attention: bool = True
+    temporal_head_dim: int = 32
+
+    def __post_init__(self):
+        if self.temporal_sampling_init not in ("nearest", "random"):
+            raise ValueError("temporal_sampling_init must be 'nearest' or 'random', got "
+                             f"{self.temporal_sampling_init!r}")
+        bad = [lvl for lvl in self.sampling_levels if not 0 <= lvl < self.unet.num_levels - 1]
+        if bad:
+            raise ValueError(f"temporal_sampling_levels {bad}: only levels with a spatial "
+                             f"down-sample (0..{self.unet.num_levels - 2}) can sample time")
+
+    @property
+    def sampling_levels(self) -> tuple[int, ...]:
+        if self.temporal_sampling_levels is None:
+            return tuple(range(self.unet.num_levels - 1))
+        return tuple(self.temporal_sampling_levels)
+
+    @property
+    def frame_multiple(self) -> int:
+        """The frame count must be a multiple of this (each temporal down-sample halves it)."""
+        return 2 ** len(self.sampling_levels)
+
+    def check_frames(self, t: int) -> None:
+        m = self.frame_multiple
+        if t < m or t % m:
+            valid = ", ".join(str(m * k) for k in range(1, 6))
+            raise ValueError(
+                f"{t} frames cannot be halved {len(self.sampling_levels)} times by the temporal "
+                f"down-sampling on levels {self.sampling_levels}: use a multiple of {m} "
+                f"({valid}, ...) or change model.temporal_sampling_levels")
+
+
+def _video(h: Array, b: int) -> Array:
+    """[b * t, H, W, C] -> [b, t, H*W, C]."""
+    bt, hh, ww, c = h.shape
+    return h.reshape(b, bt // b, hh * ww, c)
+
+
+class TemporalConv(nnx.Module):
+    """Residual (3x1x1) convolution over frames: each pixel mixes with its neighbours in time."""
+
+    def __init__(self, channels: int, groups: int, dtype, rngs: nnx.Rngs):
+        self.norm1 = layers.GroupNorm(channels, groups, rngs=rngs)
+        self.conv1 = layers.Dense(3 * channels, channels, ("conv_in", "conv_out"), dtype=dtype,
+                                  rngs=rngs)
+        self.norm2 = layers.GroupNorm(channels, groups, rngs=rngs)
+        self.conv2 = layers.Dense(3 * channels, channels, ("conv_in", "conv_out"), dtype=dtype,
+                                  zero_init=True, rngs=rngs)
+
+    @staticmethod
+    def _taps(h: Array, b: int) -> Array:
+        """[b * t, H, W, C] -> [b * t, H, W, 3C]: each frame with its previous and next frame
+        (zeros past the ends), so a 3-tap convolution over time is one matmul."""
+        v = _video(h, b)
+        pad = jnp.pad(v, ((0, 0), (1, 1), (0, 0), (0, 0)))
+        taps = jnp.concatenate([pad[:, :-2], v, pad[:, 2:]], axis=-1)
+        return taps.reshape(*h.shape[:-1], 3 * h.shape[-1])
+
+    def __call__(self, h: Array, b: int) -> Array:
+        y = self.conv1(self._taps(jax.nn.silu(self.norm1(h)), b))
+        y = self.conv2(self._taps(jax.nn.silu(self.norm2(y)), b))
+        return h + y.astype(h.dtype)
+
+
+class TemporalAttention(nnx.Module):
+    """Self-attention along the frame axis for every pixel (space folded into the batch)."""
+
+    def __init__(self, channels: int, head_dim: int, dtype, rngs: nnx.Rngs):
+        self.heads = max(1, channels // head_dim)
+        self.norm = layers.LayerNorm(channels, rngs=rngs)
+        self.qkv = layers.Dense(channels, 3 * channels, ("embed", "heads"), dtype=dtype,
+                                rngs=rngs)
+        self.out = layers.Dense(channels, channels, ("heads", "embed"), zero_init=True,
+                                dtype=dtype, rngs=rngs)
+        self.channels = channels
+
+    def __call__(self, h: Array, b: int) -> Array:
+        v = _video(h, b)  # [b, t, HW, C]
+        _, t, hw, c = v.shape
+        x = self.norm(v) + layers.sinusoidal_embedding(jnp.arange(t), c)[None, :, None].astype(
+            v.dtype)
+        x = jnp.swapaxes(x, 1, 2).reshape(b * hw, t, c)  # [b*HW, t, C]
+        q, k, val = jnp.split(self.qkv(x), 3, axis=-1)
+        split = lambda a: a.reshape(b * hw, t, self.heads, c // self.heads)
+        y = layers.attention(split(q), split(k), split(val)).reshape(b * hw, t, c)
+        y = jnp.swapaxes(self.out(y).reshape(b, hw, t, c), 1, 2)
+        return h + y.reshape(h.shape).astype(h.dtype)
+
+
+class TemporalDownsample(nnx.Module):
+    """Halves the frames: out[i] = W0 x[2i] + W1 x[2i+1], initialised to the average."""
+
+    def __init__(self, channels: int, init: str, rngs: nnx.Rngs):
+        base = 0.5 * jnp.stack([jnp.eye(channels)] * 2)
+        self.kernel = nnx.Param(partitioned(_sampling_init(base, init), None, "conv_in",
+                                            "conv_out")(rngs.params(), base.shape))
+
+    def __call__(self, h: Array, b: int) -> Array:
+        v = _video(h, b)
+        bb, t, hw, c = v.shape
+        pairs = v.reshape(bb, t // 2, 2, hw, c)
+        out = jnp.einsum("btkpc,kcd->btpd", pairs, self.kernel[...].astype(h.dtype))
+        return out.reshape(bb * (t // 2), *h.shape[1:])
+
+
+class TemporalUpsample(nnx.Module):
+    """Doubles the frames: out[2i+k] = W_k x[i], initialised to repeating each frame."""
+
+    def __init__(self, channels: int, init: str, rngs: nnx.Rngs):
+        base = jnp.stack([jnp.eye(channels)] * 2)
+        self.kernel = nnx.Param(partitioned(_sampling_init(base, init), None, "conv_in",
+                                            "conv_out")(rngs.params(), base.shape))
+
+    def __call__(self, h: Array, b: int) -> Array:
+        v = _video(h, b)
+        bb, t, hw, c = v.shape
+        out = jnp.einsum("btpc,kcd->btkpd", v, self.kernel[...].astype(h.dtype))
+        return out.reshape(bb * t * 2, *h.shape[1:])
+
+
+def _sampling_init(base: Array, init: str):
+    """Nearest-neighbour init returns `base`; the ablation draws a random matrix instead."""
+    if init == "nearest":
+        return lambda key, shape, dtype=jnp.float32: base.astype(dtype)
+    fan_in = base.shape[1] * base.shape[0]
+    return lambda key, shape, dtype=jnp.float32: (
+        jax.random.normal(key, shape, dtype) / jnp.sqrt(fan_in).astype(dtype))
+
+
+class TemporalLayers(nnx.Module):
+    """All new (trainable) layers of the STUNet, keyed by the U-Net hook point they follow."""
+
+    def __init__(self, cfg: STUNetConfig, *, rngs: nnx.Rngs):
+        ucfg = cfg.unet
+        dtype = jnp.dtype(ucfg.dtype)
+        coarsest = ucfg.num_levels - 1
+        self.blocks = nnx.Dict()
+        for name, level, ch in block_names(ucfg):
+            if level == coarsest and cfg.temporal_attention:
+                self.blocks[name] = TemporalAttention(ch, cfg.temporal_head_dim, dtype, rngs)
+            elif level < coarsest and cfg.temporal_conv:
+                self.blocks[name] = TemporalConv(ch, ucfg.groups, dtype, rngs)
+        self.down = nnx.Dict()
+        self.up = nnx.Dict()
+        for level in cfg.sampling_levels:
+            # The spatial down-sample of `level` keeps that level's channels; the mirrored
+            # up-sample ends level + 1 and so has level + 1's channels.
+            self.down[f"down_{level}"] = TemporalDownsample(
+                ucfg.level_channels(level), cfg.temporal_sampling_init, rngs)
+            self.up[f"up_{level + 1}"] = TemporalUpsample(
+                ucfg.level_channels(level + 1), cfg.temporal_sampling_init, rngs)
+
+    # The U-Net's Hooks protocol.
+    def after_block(self, name: str, h: Array, b: int) -> Array:
+        return self.blocks[name](h, b) if name in self.blocks else h
+
+    def downsample(self, name: str, h: Array, b: int) -> Array:
+        return self.down[name](h, b) if name in self.down else h
+
+    def upsample(self, name: str, h: Array, b: int) -> Array:
+        return self.up[name](h, b) if name in self.up else h
+
+
+class STUNet(nnx.Module):
+    """Denoises a whole clip at once: x: [b, t, H, W, C] -> [b, t, H, W, out_channels]."""
+
+    def __init__(self, cfg: STUNetConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.unet = UNet(cfg.unet, rngs=rngs)
+        self.temporal = TemporalLayers(cfg, rngs=rngs)
+
+    def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array) -> Array:
+        b, t = x.shape[:2]
+        self.cfg.check_frames(t)
+        out = self.unet(x.reshape(b * t, *x.shape[2:]), logsnr, text, text_mask,
+                        hooks=self.temporal)
+        return out.reshape(b, t, *out.shape[1:])

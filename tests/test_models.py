@@ -1,0 +1,169 @@
+"""The U-Net and the STUNet: shapes, annotations, and the exact properties at initialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lumiere_jax.models.stunet import STUNet, STUNetConfig
+from lumiere_jax.models.unet import UNet, UNetConfig
+from lumiere_jax.parallel.sharding import unannotated_params
+
+UNET = UNetConfig(channels=16, channel_mult=(1, 2, 4), attention_levels=(1, 2), text_dim=8)
+B, T, HW = 2, 8, 16
+
+
+def _randomise(module: nnx.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """Perturb every parameter: zero-initialised layers would hide mistakes."""
+    state = nnx.state(module, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(module, jax.tree.unflatten(
+        treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+
+
+def _inputs(t: int = T, still: bool = False):
+    x = jax.random.normal(jax.random.key(2), (B, t, HW, HW, 3))
+    if still:
+        x = jnp.repeat(x[:, :1], t, axis=1)
+    text = jax.random.normal(jax.random.key(3), (B, 5, 8))
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    return x, jnp.array([-3.0, 2.0]), text, mask
+
+
+def _per_frame(unet: UNet, x, logsnr, text, mask):
+    return jnp.stack([unet(x[:, i], logsnr, text, mask) for i in range(x.shape[1])], axis=1)
+
+
+def _stunet(**kwargs) -> STUNet:
+    model = STUNet(STUNetConfig(unet=UNET, **kwargs), rngs=nnx.Rngs(0))
+    _randomise(model.unet)
+    return model
+
+
+def test_unet_shapes_and_annotations():
+    model = UNet(UNET, rngs=nnx.Rngs(0))
+    _randomise(model)
+    x, logsnr, text, mask = _inputs()
+    out = model(x[:, 0], logsnr, text, mask)
+    assert out.shape == (B, HW, HW, 3) and out.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out)).all() and float(jnp.abs(out).max()) > 0
+    assert unannotated_params(nnx.state(model)) == []
+
+
+def test_unet_padding_tokens_are_ignored():
+    model = UNet(UNET, rngs=nnx.Rngs(0))
+    _randomise(model)
+    x, logsnr, text, mask = _inputs()
+    garbage = text.at[0, 3:].set(100.0)  # example 0 has mask False from position 3 on
+    a = model(x[:, 0], logsnr, text, mask)
+    b = model(x[:, 0], logsnr, garbage, mask)
+    # Pooling and cross-attention use the mask, so padded positions change nothing.
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_unet_bf16_close_to_fp32():
+    import dataclasses
+    model = UNet(UNET, rngs=nnx.Rngs(0))
+    _randomise(model)
+    bf16 = UNet(dataclasses.replace(UNET, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(bf16, nnx.state(model))
+    x, logsnr, text, mask = _inputs()
+    a, b = model(x[:, 0], logsnr, text, mask), bf16(x[:, 0], logsnr, text, mask)
+    assert b.dtype == jnp.float32
+    assert float(jnp.abs(a - b).max()) < 0.05 * float(jnp.abs(a).max())
+
+
+def test_stunet_without_temporal_sampling_equals_image_model_per_frame():
+    model = _stunet(temporal_sampling_levels=())
+    x, logsnr, text, mask = _inputs()
+    out = model(x, logsnr, text, mask)
+    ref = _per_frame(model.unet, x, logsnr, text, mask)
+    assert out.shape == (B, T, HW, HW, 3)
+    assert float(jnp.abs(ref).max()) > 0.1
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_stunet_with_temporal_sampling_equals_image_model_on_still_video():
+    model = _stunet()  # nearest-neighbour init on every level
+    x, logsnr, text, mask = _inputs(still=True)
+    out = model(x, logsnr, text, mask)
+    ref = _per_frame(model.unet, x, logsnr, text, mask)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+class _AverageAndRepeat:
+    """An independent reference for the initialised temporal sampling: frames averaged in pairs
+    going down, repeated going up, nothing else."""
+
+    def __init__(self, down, up):
+        self.down, self.up = down, up
+
+    def after_block(self, name, h, b):
+        return h
+
+    def downsample(self, name, h, b):
+        if name not in self.down:
+            return h
+        v = h.reshape(b, -1, 2, *h.shape[1:])
+        return v.mean(axis=2).reshape(-1, *h.shape[1:])
+
+    def upsample(self, name, h, b):
+        if name not in self.up:
+            return h
+        v = h.reshape(b, -1, *h.shape[1:])
+        return jnp.repeat(v, 2, axis=1).reshape(-1, *h.shape[1:])
+
+
+def test_stunet_temporal_sampling_on_moving_video_averages_coarse_levels():
+    model = _stunet()
+    x, logsnr, text, mask = _inputs()  # independent random frames: maximal motion
+    out = model(x, logsnr, text, mask)
+    hooks = _AverageAndRepeat({"down_0", "down_1"}, {"up_1", "up_2"})
+    ref = model.unet(x.reshape(B * T, HW, HW, 3), logsnr, text, mask, hooks=hooks)
+    np.testing.assert_allclose(out, ref.reshape(out.shape), atol=1e-5)
+    # ... which is NOT the per-frame image model: the coarse levels saw frame averages.
+    per_frame = _per_frame(model.unet, x, logsnr, text, mask)
+    assert float(jnp.abs(out - per_frame).mean()) > 1e-2
+
+
+def test_temporal_attention_only_at_the_coarsest_level():
+    model = STUNet(STUNetConfig(unet=UNET), rngs=nnx.Rngs(0))
+    kinds = {name: type(block).__name__ for name, block in model.temporal.blocks.items()}
+    coarsest = UNET.num_levels - 1
+    for name, kind in kinds.items():
+        level = coarsest if name.startswith("mid") else int(name.split("_")[1])
+        assert kind == ("TemporalAttention" if level == coarsest else "TemporalConv"), name
+    assert any(k == "TemporalAttention" for k in kinds.values())
+    paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))]
+    attn = {p.split("/")[2] for p in paths if p.startswith("temporal/blocks/")
+            and "/qkv/" in p}
+    assert attn == {n for n, k in kinds.items() if k == "TemporalAttention"}
+    assert unannotated_params(nnx.state(model)) == []
+
+
+def test_ablation_switches_change_the_parameter_tree():
+    plain = STUNet(STUNetConfig(unet=UNET, temporal_sampling_levels=(), temporal_attention=False),
+                   rngs=nnx.Rngs(0))
+    assert len(plain.temporal.down) == 0 and len(plain.temporal.up) == 0
+    assert all(type(b).__name__ == "TemporalConv" for b in plain.temporal.blocks.values())
+    rand = STUNet(STUNetConfig(unet=UNET, temporal_sampling_init="random"), rngs=nnx.Rngs(0))
+    kernel = np.asarray(rand.temporal.down["down_0"].kernel[...])
+    assert not np.allclose(kernel, 0.5 * np.stack([np.eye(kernel.shape[1])] * 2))
+
+
+def test_frame_count_error_names_valid_counts():
+    model = STUNet(STUNetConfig(unet=UNET), rngs=nnx.Rngs(0))
+    x, logsnr, text, mask = _inputs(t=6)
+    with pytest.raises(ValueError, match=r"multiple of 4 \(4, 8, 12"):
+        model(x, logsnr, text, mask)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNetConfig(channel_mult=(1, 2), attention_levels=(3,))
+    with pytest.raises(ValueError, match="temporal_sampling_levels"):
+        STUNetConfig(unet=UNET, temporal_sampling_levels=(2,))
+    with pytest.raises(ValueError, match="unknown U-Net config keys"):
+        UNetConfig.from_dict({"chanels": 3})
