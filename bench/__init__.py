@@ -1,0 +1,1 @@
+"""Benchmarks; results are collected in BENCHMARKS.md."""
