@@ -1,10 +1,11 @@
 """Tokenizers for the T5 encoder: prompts -> padded ids [b, L] + mask [b, L].
 
-Two implementations behind one interface (`encode_batch`):
+Three implementations behind one interface (`encode_batch`):
 
 - `ByteTokenizer`: ByT5's scheme, no vocabulary file. pad=0, eos=1, unk=2, byte b -> b + 3.
   Used by the built-in tiny configs (vocab 384 = 3 + 256 bytes, padded).
 - `SentencePieceTokenizer`: a T5 `spiece.model` the user provides (pad 0, EOS appended).
+- `WordTokenizer`: a closed word vocabulary (the built-in world's), unknown words rejected.
 
 Every sequence ends with EOS, as T5 was trained. The empty string is a valid prompt (EOS only):
 it is the null caption of classifier-free guidance. Prompts longer than `max_length` are an
@@ -143,11 +144,53 @@ class SentencePieceTokenizer(Tokenizer):
         return self.processor.decode([i for i in ids if i != PAD_ID])
 
 
-TOKENIZER_KINDS = ("byte", "sentencepiece")
+class WordTokenizer(Tokenizer):
+    """A closed word vocabulary: pad 0, eos 1, unk 2, word i -> i + 3. Unknown words are errors.
+
+    For the built-in world (`make_tokenizer('shapes')`): every caption word is one token, so a
+    tiny T5 trained from scratch sees 'red' as one symbol rather than three bytes whose
+    meaning depends on their position; and a typo fails loudly with a suggestion instead of
+    being encoded into something the model never saw.
+    """
+
+    num_special = 3
+
+    def __init__(self, words: Sequence[str]):
+        self.words = tuple(words)
+        self.index = {w: i + self.num_special for i, w in enumerate(self.words)}
+        self.vocab_size = self.num_special + len(self.words)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        ids = []
+        for word in prompt.lower().replace(",", " ").split():
+            if word not in self.index:
+                import difflib
+                close = difflib.get_close_matches(word, self.words, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown word {word!r} in prompt {_preview(prompt)}{hint} "
+                                 f"Known words: {', '.join(self.words)}")
+            ids.append(self.index[word])
+        return ids
+
+    def decode(self, ids) -> str:
+        out = []
+        for token in np.asarray(ids).tolist():
+            if token == self.eos_id:
+                break
+            if token >= self.num_special:
+                out.append(self.words[token - self.num_special])
+        return " ".join(out)
+
+
+TOKENIZER_KINDS = ("byte", "sentencepiece", "shapes")
 
 
 def make_tokenizer(kind: str, path: str | None = None) -> Tokenizer:
-    """'byte' (no path) or 'sentencepiece' (path to the .model file)."""
+    """'byte' (no path), 'sentencepiece' (path to the .model file), or 'shapes' (the built-in
+    world's caption vocabulary, no path)."""
+    if kind == "shapes":
+        from lumiere_jax.data.synthetic import VOCABULARY
+        return WordTokenizer(VOCABULARY)
     if kind == "byte":
         if path:
             raise ValueError(f"The byte tokenizer takes no vocabulary file, got path={path!r}; "
