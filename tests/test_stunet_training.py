@@ -1,0 +1,111 @@
+"""Stage-1 training: only the temporal layers learn; the spatial weights never move."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lumiere_jax.config import load_config
+from lumiere_jax.diffusion.losses import diffusion_loss
+from lumiere_jax.diffusion.schedules import Diffusion
+from lumiere_jax.models.denoiser import build_denoiser
+from lumiere_jax.models.inflate import InflationError, inflate
+from lumiere_jax.train import trainer
+
+CONFIG = "configs/shapes_stunet.py:smoke,channels=8"
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
+
+
+def _batch(config, b=2):
+    t, h, w = config.world.num_frames, config.world.height, config.world.width
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 200, (b, config.text.max_length)).astype(np.int32)
+    mask = np.arange(config.text.max_length)[None] < np.array([[20], [35]])
+    return {"pixels": jnp.asarray(rng.uniform(-1, 1, (b, t, h, w, 3)), jnp.float32),
+            "ids": jnp.asarray(ids), "mask": jnp.asarray(mask)}
+
+
+def test_only_temporal_parameters_train():
+    config = load_config(CONFIG, ["world.num_frames=8"])
+    model = build_denoiser(config, nnx.Rngs(0))
+    graphdef, params, frozen = trainer.split_model(model, config.train.trainable)
+    # Stand-in for trained spatial weights: the random init has a zero output conv, which
+    # would block every gradient.
+    leaves, treedef = jax.tree.flatten(frozen)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    frozen = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                          if jnp.issubdtype(x.dtype, jnp.floating) else x
+                                          for x, k in zip(leaves, keys)])
+    assert all(p.startswith("net/temporal/") for p in _flat(params))
+    assert not any(p.startswith("net/temporal/") for p in _flat(frozen))
+
+    tx = trainer.make_optimizer(config.train)
+    opt_state = tx.init(params)
+    # The optimizer holds state for the temporal parameters alone.
+    n_temporal = sum(x.size for x in jax.tree.leaves(params))
+    assert sum(x.size for x in jax.tree.leaves(opt_state)) <= 2 * n_temporal + 8
+
+    diffusion = Diffusion.from_config(config.diffusion)
+    null = {"ids": jnp.zeros((1, config.text.max_length), jnp.int32).at[0, 0].set(1),
+            "mask": (jnp.arange(config.text.max_length) < 1)[None]}
+    step_fn = trainer.make_train_step(graphdef, tx, diffusion, config.train, null)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, opt_state,
+                               jax.tree.map(jnp.copy, params))
+    frozen_before = _flat(frozen)
+    start = _flat(params)
+    for _ in range(3):
+        state, metrics = step_fn(state, frozen, _batch(config), jax.random.key(0))
+        assert np.isfinite(float(metrics["loss"]))
+    # Spatial (and T5) weights: bit-identical.
+    for path, value in _flat(frozen).items():
+        np.testing.assert_array_equal(value, frozen_before[path], err_msg=path)
+    moved = {p for p, v in _flat(state.params).items() if not np.array_equal(v, start[p])}
+    assert moved, "no temporal parameter changed"
+
+    # Every temporal parameter family gets a gradient (after the zero-initialised output
+    # projections have moved, the layers before them receive gradient too).
+    def loss(p):
+        m = nnx.merge(graphdef, p, frozen)
+        batch = _batch(config)
+        cond = m.encode_text(batch["ids"], batch["mask"])
+        return diffusion_loss(m, batch["pixels"], cond, jax.random.key(1), diffusion)[0]
+
+    grads = _flat(jax.jit(jax.grad(loss))(state.params))
+    families = {}
+    for path, g in grads.items():
+        family = "/".join(path.split("/")[2:3] + path.split("/")[4:])  # e.g. blocks/conv1/kernel
+        families[family] = families.get(family, 0.0) + float(np.abs(g).sum())
+    dead = sorted(f for f, total in families.items() if total == 0.0)
+    assert not dead, f"temporal parameter families without gradient: {dead}"
+    assert {"blocks/conv1/kernel", "blocks/qkv/kernel", "down/kernel", "up/kernel"} <= set(
+        families)
+
+
+def test_inflation_copies_the_image_model_exactly():
+    image_config = load_config("configs/shapes_t2i.py:smoke,channels=8")
+    video_config = load_config(CONFIG)
+    image = build_denoiser(image_config, nnx.Rngs(5))
+    video = build_denoiser(video_config, nnx.Rngs(6))
+    source = nnx.to_pure_dict(nnx.state(image, nnx.Param))
+    report = inflate(video, source)
+    assert report["copied"] == len(_flat(nnx.state(image, nnx.Param)))
+    image_flat, video_flat = _flat(nnx.state(image, nnx.Param)), _flat(nnx.state(video))
+    for path, value in image_flat.items():
+        target = path.replace("net/", "net/unet/", 1) if path.startswith("net/") else path
+        np.testing.assert_array_equal(video_flat[target], value, err_msg=path)
+
+
+def test_inflation_from_another_architecture_lists_what_differs():
+    image = build_denoiser(load_config("configs/shapes_t2i.py:smoke,channels=16"),
+                           nnx.Rngs(0))
+    video = build_denoiser(load_config(CONFIG), nnx.Rngs(0))
+    with pytest.raises(InflationError) as error:
+        inflate(video, nnx.to_pure_dict(nnx.state(image, nnx.Param)), where="stage0")
+    message = str(error.value)
+    assert "cannot inflate from stage0" in message and "mis-shaped (" in message
+    assert "net/unet/conv_in/kernel: model (3, 3, 3, 8), source (3, 3, 3, 16)" in message
+    assert "unexpected" not in message and "missing" not in message
