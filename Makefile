@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
-# Tests use the 8 forced host devices; keep BLAS/Eigen from oversubscribing 2 cores.
-PYTEST_FLAGS ?= -q -x --durations=15
+# Tests run on 8 forced host devices, two test files at a time (one per core): most of a
+# test's time is single-threaded XLA compilation.
+PYTEST_FLAGS ?= -q -n 2 --dist loadfile --durations=20
 
 .PHONY: install demo test bench clean
 

@@ -1,0 +1,165 @@
+"""What the CLI's `sample`, `eval` and `data synth` do: load a run, sample, write, score."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+from flax import nnx
+from ml_collections import ConfigDict
+
+from lumiere_jax.data import video_io
+from lumiere_jax.data.pipeline import world_from_config
+from lumiere_jax.data.synthetic import ShapesSource, ShapesWorld, parse_caption
+from lumiere_jax.diffusion.schedules import Diffusion
+from lumiere_jax.eval.shapes import score_batch
+from lumiere_jax.text.tokenizers import make_tokenizer
+from lumiere_jax.models.denoiser import build_denoiser
+from lumiere_jax.models.inflate import inflate
+from lumiere_jax.train.export import is_export, load_export
+from lumiere_jax.train.trainer import make_generator, restore_model
+
+
+def load_generator(config: ConfigDict, workdir: str, step: int | None = None):
+    """(Generator with the EMA weights of a training run or an export, checkpoint step)."""
+    if is_export(workdir):
+        _, model, info = load_export(workdir)
+        step = info["step"]
+    else:
+        model, step = restore_model(config, workdir, step)
+    tokenizer = make_tokenizer(config.text.tokenizer, config.text.get("vocab_path"))
+    return make_generator(model, config, Diffusion.from_config(config.diffusion), tokenizer), step
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    keep = "".join(c if c.isalnum() else "_" for c in text.lower())
+    return "_".join(filter(None, keep.split("_")))[:limit] or "empty"
+
+
+def write_sample(path_stem: epath.Path, sample: np.ndarray, fps: float) -> list[str]:
+    """An image -> PNG; a video -> mp4, gif and a PNG contact sheet. Returns the paths."""
+    if sample.ndim == 3:
+        video_io.write_png(f"{path_stem}.png", sample)
+        return [f"{path_stem}.png"]
+    video_io.write_mp4(f"{path_stem}.mp4", sample, fps)
+    video_io.write_gif(f"{path_stem}.gif", sample, fps)
+    video_io.write_png(f"{path_stem}_sheet.png", video_io.contact_sheet([sample]))
+    return [f"{path_stem}.mp4", f"{path_stem}.gif", f"{path_stem}_sheet.png"]
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Rejects prompts the built-in world's models cannot follow, saying which and why.
+
+    The tiny models only ever saw the world's caption vocabulary, so an unknown word (often a
+    typo) is an error with a suggestion, not a silent no-op.
+    """
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt {i} is an empty prompt ({prompt!r}); write a caption such "
+                             "as 'a red circle moving left' (guidance 0 samples unconditionally)")
+        try:
+            parse_caption(prompt)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+
+
+def sample_to_files(config: ConfigDict, workdir: str, prompts: Sequence[str],
+                    seeds: Sequence[int], guidance: Sequence[float], step: int | None = None,
+                    out: str | None = None) -> list[str]:
+    """Samples every (prompt, seed, guidance) combination and writes each to `out`."""
+    if any(g < 0 for g in guidance):
+        raise ValueError(f"guidance scales must be >= 0, got {list(guidance)}")
+    check_prompts(prompts)
+    generator, step = load_generator(config, workdir, step)
+    items = list(itertools.product(prompts, seeds, guidance))
+    samples = generator([p for p, _, _ in items], [s for _, s, _ in items],
+                        [g for _, _, g in items])
+    out_dir = epath.Path(out or epath.Path(workdir) / "samples" / f"step_{step}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (prompt, seed, g), sample in zip(items, samples):
+        stem = out_dir / f"{_slug(prompt)}_seed{seed}_cfg{g:g}"
+        paths += write_sample(stem, sample, config.world.fps)
+    return paths
+
+
+def evaluation_prompts(world: ShapesWorld, split: str, n: int) -> list[str]:
+    source = ShapesSource(world, split, n)
+    return [source[i]["caption"] for i in range(n)]
+
+
+def evaluate(config: ConfigDict, workdir: str, step: int | None = None,
+             out: str | None = None) -> dict[str, Any]:
+    """Scores a run (or export) with `evaluate_generator`; writes to `out` (default
+    WORKDIR/eval)."""
+    generator, step = load_generator(config, workdir, step)
+    return evaluate_generator(generator, config, out or str(epath.Path(workdir) / "eval"), step)
+
+
+def evaluate_generator(generator, config: ConfigDict, out: str, step: int | str
+                       ) -> dict[str, Any]:
+    """Samples eval.num_samples captions of the seen ('test') and held-out splits (seeds
+    eval.seed + i), scores them with the analytic evaluator, and writes step_N.json and
+    contact sheets to `out`."""
+    world = world_from_config(config)
+    n = config.eval.num_samples
+    out_dir = epath.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary, details = {"step": step}, {}
+    for split in ("test", "heldout"):
+        prompts = evaluation_prompts(world, split, n)
+        seeds = [config.eval.seed + i for i in range(n)]
+        start = time.perf_counter()
+        samples = generator(prompts, seeds, config.sample.guidance)
+        seconds = time.perf_counter() - start
+        videos = samples if samples.ndim == 5 else samples[:, None]
+        scores = score_batch(videos, prompts)
+        scores["sample_seconds"] = seconds
+        summary[split] = scores
+        details[split] = prompts
+        sheet = video_io.contact_sheet(list(videos[:16]), labels=prompts[:16])
+        video_io.write_png(str(out_dir / f"step_{step}_{split}.png"), sheet)
+    report = {"summary": summary, "prompts": details,
+              "files": [str(out_dir / f"step_{step}_{split}.png") for split in details]}
+    (out_dir / f"step_{step}.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def per_frame_generator(video_config: ConfigDict, image_export: str):
+    """The stage-0 image model applied to every frame independently, as a video sampler.
+
+    It is a STUNet with no temporal layers inflated from the image model, so it is exactly
+    the per-frame model, sampled with the same prompts, seeds and per-video noise as the
+    STUNet it is compared with.
+    """
+    config = ConfigDict(video_config.to_dict())
+    config.model.temporal.update(temporal_sampling_levels=(), temporal_conv=False,
+                                 temporal_attention=False)
+    model = build_denoiser(config, nnx.Rngs(0))
+    _, image_model, _ = load_export(image_export)
+    inflate(model, nnx.to_pure_dict(nnx.state(image_model, nnx.Param)), where=image_export)
+    tokenizer = make_tokenizer(config.text.tokenizer, config.text.get("vocab_path"))
+    return make_generator(model, config, Diffusion.from_config(config.diffusion), tokenizer)
+
+
+def write_synthetic_previews(out: str, num: int, split: str = "train",
+                             world: ShapesWorld | None = None) -> list[str]:
+    """`num` clips of the built-in world as gif + PNG contact sheet, for a look at the data."""
+    world = world or ShapesWorld()
+    source = ShapesSource(world, split, num)
+    out_dir = epath.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clips = [source[i] for i in range(num)]
+    paths = []
+    for clip in clips:
+        stem = out_dir / f"{clip['index']:04d}_{_slug(clip['caption'])}"
+        video_io.write_gif(f"{stem}.gif", clip["video"], world.fps, scale=4)
+        paths.append(f"{stem}.gif")
+    sheet = video_io.contact_sheet([c["video"] for c in clips], labels=[c["caption"] for c in clips])
+    video_io.write_png(str(out_dir / "contact_sheet.png"), sheet)
+    return paths + [str(out_dir / "contact_sheet.png")]
