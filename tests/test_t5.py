@@ -2,7 +2,6 @@
 devices), TextEncoder and the embedding cache."""
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +29,7 @@ from lumiere_jax.text.t5 import (
 )
 from lumiere_jax.text.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
-# CI sets XLA_FLAGS=--xla_force_host_platform_device_count=8. Run alone without it, ask JAX for 8
-# CPU devices instead; that only works before JAX's backend starts (else the asserts below say so).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    try:
-        jax.config.update("jax_num_cpu_devices", 8)
-    except RuntimeError:
-        pass
+# tests/conftest.py gives every test 8 forced host CPU devices.
 
 PROMPTS = ["a red circle moving left", "a blue star", "", "a green square bouncing up"]
 

@@ -26,13 +26,7 @@ from lumiere_jax.text.checkpoints import (
 from lumiere_jax.text.t5 import T5Config
 from lumiere_jax.text.tokenizers import ByteTokenizer
 
-# CI sets XLA_FLAGS=--xla_force_host_platform_device_count=8. Run alone without it, ask JAX for 8
-# CPU devices instead; that only works before JAX's backend starts (else the asserts below say so).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    try:
-        jax.config.update("jax_num_cpu_devices", 8)
-    except RuntimeError:
-        pass
+# tests/conftest.py gives every test 8 forced host CPU devices.
 
 # Small but non-default: few buckets and a short max distance, so that the logarithmic buckets
 # and the "beyond max_distance" bucket both occur at length 32.
