@@ -49,8 +49,13 @@ from ml_collections import ConfigDict
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser
 from lumiere_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, logical_specs
-from lumiere_jax.train.trainer import (TrainState, make_loss_fn, make_optimizer, make_train_step,
-                                       split_model)
+from lumiere_jax.train.trainer import (
+    TrainState,
+    make_loss_fn,
+    make_optimizer,
+    make_train_step,
+    split_model,
+)
 
 GIB = 1024**3
 # Above this many parameters the train step is not compiled for the memory analysis (XLA on a

@@ -18,9 +18,9 @@ from lumiere_jax.data.pipeline import world_from_config
 from lumiere_jax.data.synthetic import ShapesSource, ShapesWorld, parse_caption
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.eval.shapes import score_batch
-from lumiere_jax.text.tokenizers import make_tokenizer
 from lumiere_jax.models.denoiser import build_denoiser
 from lumiere_jax.models.inflate import inflate
+from lumiere_jax.text.tokenizers import make_tokenizer
 from lumiere_jax.train.export import is_export, load_export
 from lumiere_jax.train.trainer import make_generator, restore_model
 

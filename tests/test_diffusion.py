@@ -14,6 +14,7 @@ import pytest
 from lumiere_jax.diffusion import guidance, losses, samplers, schedules
 from lumiere_jax.diffusion.schedules import Diffusion
 
+
 def uniform(shape, seed):
     """Test data from numpy: no per-shape compile of a JAX random kernel."""
     return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, shape), jnp.float32)

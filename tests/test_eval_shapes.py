@@ -97,7 +97,7 @@ def test_wrong_colour_fails_colour(clips):
 
 def _gaussian_blob(item, sigma_per_radius):
     """The right colour on the right path, but a Gaussian blob instead of the shape."""
-    attrs, (t, h, w, _) = item["attrs"], item["video"].shape
+    attrs, (_, h, w, _) = item["attrs"], item["video"].shape
     background = S.background_image(attrs, h, w)[None]
     centre = attrs["trajectory"] * np.array([w, h])
     sigma = sigma_per_radius * float(attrs["radius"]) * min(h, w)

@@ -13,7 +13,6 @@ weights get no gradient computation at all, no optimizer state, and stay bit-ide
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
@@ -37,9 +36,9 @@ from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.generate import Generator
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser
+from lumiere_jax.models.inflate import inflate
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import make_tokenizer
-from lumiere_jax.models.inflate import inflate
 from lumiere_jax.train.checkpoint import Checkpointer, FrozenRef, read_frozen, write_frozen
 from lumiere_jax.train.export import load_export
 from lumiere_jax.train.metrics import MetricsWriter
@@ -88,14 +87,6 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
     """EMA decay warmed up as (1 + step) / (10 + step), so early averages are not stale."""
     step = step.astype(jnp.float32)
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepFns:
-    """The compiled pieces of a run: the model's structure and its jitted train step."""
-    graphdef: nnx.GraphDef
-    frozen: nnx.State
-    train_step: Any
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict,
