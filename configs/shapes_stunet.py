@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model = dict(
         kind="stunet",
         unet=dict(channels=arg.channels, channel_mult=(1, 2, 4), num_res_blocks=1,
-                  attention_levels=(1, 2), head_dim=32, groups=8, dtype="float32"),
+                  attention_levels=(1, 2), head_dim=32, groups=8, dtype="float32",
+                  remat="none"),
         temporal=dict(temporal_sampling_levels=levels[arg.sampling],
                       temporal_sampling_init=arg.sampling_init, temporal_conv=True,
                       temporal_attention=arg.attention, temporal_head_dim=32))

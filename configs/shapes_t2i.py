@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.text = dict(preset="tiny", tokenizer="shapes", vocab_path="", max_length=16)
     c.model = dict(kind="unet", unet=dict(
         channels=arg.channels, channel_mult=(1, 2, 4), num_res_blocks=1,
-        attention_levels=(1, 2), head_dim=32, groups=8, dtype="float32"))
+        attention_levels=(1, 2), head_dim=32, groups=8, dtype="float32", remat="none"))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
                        loss_weighting="none", thresholding="dynamic")
     c.train = dict(

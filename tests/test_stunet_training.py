@@ -109,3 +109,31 @@ def test_inflation_from_another_architecture_lists_what_differs():
     assert "cannot inflate from stage0" in message and "mis-shaped (" in message
     assert "net/unet/conv_in/kernel: model (3, 3, 3, 8), source (3, 3, 3, 16)" in message
     assert "unexpected" not in message and "missing" not in message
+
+
+def test_remat_keeps_gradients_and_saves_fewer_activations():
+    from lumiere_jax.plan import saved_residuals
+
+    results = {}
+    for remat in ("none", "block"):
+        config = load_config(CONFIG, ["world.num_frames=8", f"model.unet.remat={remat}"])
+        model = build_denoiser(config, nnx.Rngs(0))
+        graphdef, params, frozen = trainer.split_model(model, config.train.trainable)
+        leaves, treedef = jax.tree.flatten(frozen)
+        keys = jax.random.split(jax.random.key(7), len(leaves))
+        frozen = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                              for x, k in zip(leaves, keys)])
+        null = {"ids": jnp.zeros((1, config.text.max_length), jnp.int32).at[0, 0].set(1),
+                "mask": (jnp.arange(config.text.max_length) < 1)[None]}
+        loss_fn = trainer.make_loss_fn(graphdef, Diffusion.from_config(config.diffusion),
+                                       config.train, null)
+        scalar = lambda *a: loss_fn(*a)[0]  # noqa: E731
+        args = (params, frozen, _batch(config), jax.random.key(3))
+        loss, grads = jax.jit(jax.value_and_grad(scalar))(*args)
+        saved = sum(r.size * r.dtype.itemsize for r in saved_residuals(scalar, *args))
+        results[remat] = (float(loss), _flat(grads), saved)
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results["none"], results["block"]
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for path, g in grads_a.items():
+        np.testing.assert_allclose(grads_b[path], g, rtol=1e-4, atol=1e-6, err_msg=path)
+    assert saved_b < 0.7 * saved_a, (saved_a, saved_b)

@@ -22,6 +22,16 @@ from lumiere_jax.models import layers
 Array = jax.Array
 
 
+# Per-block rematerialisation: 'none' keeps every activation for the backward pass; 'block'
+# keeps only each block's input and recomputes the rest; 'dots' also keeps matmul/conv outputs
+# (recomputing only the cheap elementwise work).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 3
@@ -35,6 +45,9 @@ class UNetConfig:
     text_dim: int = 64  # T5 d_model
     extra_in_channels: int = 0  # e.g. SSR's low-res conditioning video, masks for inpainting
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Rematerialisation of every block (see REMAT_POLICIES): trade recompute for activation
+    # memory in the backward pass.
+    remat: str = "none"
 
     def __post_init__(self):
         levels = len(self.channel_mult)
@@ -44,6 +57,9 @@ class UNetConfig:
                              f"(channel_mult={self.channel_mult}); use 0..{levels - 1}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got "
+                             f"{self.remat!r}")
 
     @property
     def num_levels(self) -> int:
@@ -158,6 +174,15 @@ class UNet(nnx.Module):
         pooled = (text * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return h + self.text_pool(pooled)
 
+    def _block(self, block: Block, h, emb, text, text_mask):
+        """Runs one block, rematerialised per config.remat."""
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if policy is None:
+            return block(h, emb, text, text_mask)
+        graphdef, state = nnx.split(block)
+        run = lambda st, *args: nnx.merge(graphdef, st)(*args)  # noqa: E731 (pure: remat-able)
+        return jax.checkpoint(run, policy=policy)(state, h, emb, text, text_mask)
+
     def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array,
                  hooks: Hooks | None = None) -> Array:
         """x: [b * t, H, W, C] (t = 1 for images), logsnr: [b], text: [b, L, Dt],
@@ -174,7 +199,7 @@ class UNet(nnx.Module):
         skips = [h]
         for level, blocks in enumerate(self.down):
             for j, block in enumerate(blocks):
-                h = after(f"down_{level}_{j}", block(h, emb, text, text_mask))
+                h = after(f"down_{level}_{j}", self._block(block, h, emb, text, text_mask))
                 skips.append(h)
             if level < n - 1:
                 h = self.downsample[level](h)
@@ -183,13 +208,13 @@ class UNet(nnx.Module):
                 skips.append(h)
 
         for j, block in enumerate(self.mid):
-            h = after(f"mid_{j}", block(h, emb, text, text_mask))
+            h = after(f"mid_{j}", self._block(block, h, emb, text, text_mask))
 
         for k, blocks in enumerate(self.up):
             level = n - 1 - k
             for j, block in enumerate(blocks):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = after(f"up_{level}_{j}", block(h, emb, text, text_mask))
+                h = after(f"up_{level}_{j}", self._block(block, h, emb, text, text_mask))
             if level > 0:
                 h = self.upsample[k](h)
                 if hooks:
