@@ -19,9 +19,8 @@ from lumiere_jax.data.synthetic import ShapesSource, ShapesWorld, parse_caption
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.eval.shapes import score_batch
 from lumiere_jax.models.denoiser import build_denoiser
-from lumiere_jax.models.inflate import inflate
 from lumiere_jax.text.tokenizers import make_tokenizer
-from lumiere_jax.train.export import is_export, load_export
+from lumiere_jax.train.export import inflate_from_export, is_export, load_export
 from lumiere_jax.train.trainer import make_generator, restore_model
 
 
@@ -141,8 +140,7 @@ def per_frame_generator(video_config: ConfigDict, image_export: str):
     config.model.temporal.update(temporal_sampling_levels=(), temporal_conv=False,
                                  temporal_attention=False)
     model = build_denoiser(config, nnx.Rngs(0))
-    _, image_model, _ = load_export(image_export)
-    inflate(model, nnx.to_pure_dict(nnx.state(image_model, nnx.Param)), where=image_export)
+    inflate_from_export(model, image_export)
     tokenizer = make_tokenizer(config.text.tokenizer, config.text.get("vocab_path"))
     return make_generator(model, config, Diffusion.from_config(config.diffusion), tokenizer)
 

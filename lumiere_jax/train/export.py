@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from lumiere_jax import config as config_lib
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser
+from lumiere_jax.models.inflate import inflate
 from lumiere_jax.train.checkpoint import tree_checksum
 
 PARAMS_DIR = "params"
@@ -65,3 +66,9 @@ def load_export(directory: str) -> tuple[ConfigDict, Denoiser, dict]:
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return config, model, info
+
+
+def inflate_from_export(model: Denoiser, directory: str) -> dict:
+    """Inflates `model` (a STUNet denoiser) in place from an exported image model."""
+    _, image_model, _ = load_export(directory)
+    return inflate(model, nnx.to_pure_dict(nnx.state(image_model, nnx.Param)), where=directory)

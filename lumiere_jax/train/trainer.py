@@ -36,11 +36,10 @@ from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.generate import Generator
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser
-from lumiere_jax.models.inflate import inflate
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import make_tokenizer
 from lumiere_jax.train.checkpoint import Checkpointer, FrozenRef, read_frozen, write_frozen
-from lumiere_jax.train.export import load_export
+from lumiere_jax.train.export import inflate_from_export
 from lumiere_jax.train.metrics import MetricsWriter
 
 # Keys that may change when a run is resumed (e.g. to train it for longer).
@@ -190,9 +189,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     start = ckpt.latest_step()
     model = build_denoiser(config, nnx.Rngs(config.seed))
     if start is None and config.get("init_from"):
-        _, image_model, _ = load_export(config.init_from)
-        report = inflate(model, nnx.to_pure_dict(nnx.state(image_model, nnx.Param)),
-                         where=config.init_from)
+        report = inflate_from_export(model, config.init_from)
         logging.info("inflated %s: %s", config.init_from, report)
     graphdef, params, frozen = split_model(model, train_cfg.trainable)
     tx = make_optimizer(train_cfg)
