@@ -66,9 +66,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
         weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, cond_drop=0.1,
         trainable="temporal",  # stage 1: the spatial (text-to-image) weights stay frozen
         log_every=100, ckpt_every=2000, sample_every=0, max_to_keep=3, keep_period=50_000,
-        progress=False)
+        grad_accum=1, preemption=True, progress=False)
     c.sample = dict(sampler="ddim", steps=256, guidance=8.0, batch_size=4)
     c.eval = dict(num_samples=96, seed=1000)
-    # Mesh sizes (-1 = the rest of the devices): parameters and optimizer state over fsdp.
-    c.mesh = dict(data=-1, fsdp=8, tensor=1)
+    # Mesh sizes within a slice (-1 = the rest of the devices): parameters and optimizer state
+    # over fsdp. mesh.dcn: sizes across slices (multi-slice: e.g. dcn.data=2 for two slices
+    # doing data parallelism over the data-center network). mesh.rules: (logical name, mesh
+    # axis) pairs that take precedence over lumiere_jax.parallel.sharding.DEFAULT_RULES.
+    c.mesh = dict(data=-1, fsdp=8, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())
     return c

@@ -54,7 +54,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
         weight_decay=1e-4, grad_clip=1.0, ema_decay=0.995, cond_drop=0.1,
         trainable="^net/temporal/",  # frozen: the stage-0 U-Net and T5
         log_every=25, ckpt_every=250, sample_every=500, max_to_keep=2, keep_period=0,
-        progress=True)
+        grad_accum=1, preemption=True, progress=True)
+    # One device (a tiny model gains nothing from more on a CPU); `--config.mesh.data=-1` uses
+    # them all. mesh.dcn: sizes across slices; mesh.rules: logical-axis rules before the defaults.
+    c.mesh = dict(data=1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())
     c.sample = dict(sampler="ddim", steps=20, guidance=3.0, batch_size=16)
     c.eval = dict(num_samples=96, seed=1000)
     if arg.smoke:

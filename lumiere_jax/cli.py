@@ -1,6 +1,7 @@
 """The `lumiere` command: one absl app with subcommands.
 
   lumiere train  --config configs/shapes_t2i.py --workdir runs/t2i [--config.train.steps=100]
+                 [--coordinator_address host:port --num_processes N --process_id I]
   lumiere sample --workdir runs/t2i --prompts "a red circle moving left" --seeds 0,1
   lumiere eval   --workdir runs/t2i
   lumiere export --workdir runs/t2i --out checkpoints/shapes_t2i
@@ -46,6 +47,11 @@ _MESH = flags.DEFINE_string("mesh", None, "Mesh sizes for `plan`, e.g. data=8,fs
 _DEVICE_GIB = flags.DEFINE_float("device_memory_gib", None, "Memory of one device for `plan`; "
                                  "a plan that does not fit is refused.")
 _LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", "hf", "t5x"], "Checkpoint layout.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process `train`: host:port of process 0 (default: "
+    "JAX_COORDINATOR_ADDRESS, or auto-detected on Cloud TPU / SLURM / Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process `train`: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process `train`: this one's id.")
 
 COMMANDS = ("train", "sample", "eval", "export", "demo", "plan", "data synth", "data import",
             "t5 convert")
@@ -85,9 +91,13 @@ def _prompts() -> list[str]:
 
 
 def cmd_train():
+    from lumiere_jax.parallel import distributed
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from lumiere_jax.train.trainer import train
     metrics = train(_run_config(), _require(_WORKDIR, "train"))
-    print(json.dumps(metrics, indent=1))
+    import jax
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, indent=1))
 
 
 def cmd_sample():

@@ -14,21 +14,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from lumiere_jax.diffusion.guidance import classifier_free_guidance
 from lumiere_jax.diffusion.samplers import sample
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.models.denoiser import Denoiser
+from lumiere_jax.parallel.mesh import host_replicated, local_value, replicated
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import Tokenizer
 
 
 class Generator:
-    """Samples from a denoiser. `sample_shape` is one example's shape: [h, w, 3] or [t, h, w, 3]."""
+    """Samples from a denoiser. `sample_shape` is one example's shape: [h, w, 3] or [t, h, w, 3].
+
+    With a `mesh` (the model's parameters sharded on it, e.g. during training), the inputs
+    are replicated over the mesh and so is the output, so every process of a multi-process
+    job can call it and read the samples.
+    """
 
     def __init__(self, model: Denoiser, diffusion: Diffusion, tokenizer: Tokenizer,
                  max_length: int, sample_shape: Sequence[int], *, sampler: str = "ddim",
-                 steps: int = 25, batch_size: int = 32):
+                 steps: int = 25, batch_size: int = 32, mesh: Mesh | None = None):
         if steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {steps}")
         self.graphdef, self.state = nnx.split(model)
@@ -47,7 +54,8 @@ class Generator:
             # The sampler applies the config's thresholding (diffusion.thresholding) itself.
             return sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init)
 
-        self._run = jax.jit(run)
+        self.mesh = mesh
+        self._run = jax.jit(run) if mesh is None else jax.jit(run, out_shardings=replicated(mesh))
 
     def with_params(self, *states: nnx.State) -> "Generator":
         """Use these parameter states (e.g. the EMA and the frozen weights) from now on."""
@@ -71,10 +79,13 @@ class Generator:
             sl = slice(i, i + self.batch_size)
             z = jnp.stack([jax.random.normal(jax.random.key(int(s)), self.sample_shape)
                            for s in seeds[sl]])
-            rng = jax.random.key(int(seeds[sl][0]) + 7919 * i)
-            x = self._run(self.state, jnp.asarray(tokens.ids[sl]), jnp.asarray(tokens.mask[sl]),
-                          *self.null_tokens, z, rng, jnp.asarray(scales[sl]))
-            out.append(to_uint8(x))
+            rng = jax.random.key_data(jax.random.key(int(seeds[sl][0]) + 7919 * i))
+            inputs = (tokens.ids[sl], tokens.mask[sl], *self.null_tokens, z, rng, scales[sl])
+            inputs = (jax.tree.map(jnp.asarray, inputs) if self.mesh is None
+                      else host_replicated(jax.device_get(inputs), self.mesh))
+            *inputs, rng, scale = inputs
+            x = self._run(self.state, *inputs, jax.random.wrap_key_data(rng), scale)
+            out.append(to_uint8(local_value(x)))
         return np.concatenate(out)
 
 

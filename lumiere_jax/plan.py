@@ -26,9 +26,7 @@ sharding replicates). With compiling, the report has both (compiled_memory.flops
 A mesh whose per-device total exceeds the device memory is refused (PlanDoesNotFitError,
 which carries the report) with what does not fit and what to change.
 
-The model is built with `nnx.eval_shape`; its Rngs counter is an array ref, because updating a
-plain traced counter makes flax 0.12 ask each tracer for its sharding, which on jax 0.10 scans
-the whole jaxpr every time: 56 s instead of 2.5 s for the paper STUNet.
+The model is built with `nnx.eval_shape` (models.denoiser.abstract_denoiser).
 """
 
 from __future__ import annotations
@@ -40,21 +38,35 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.extend import core as jex_core
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from lumiere_jax.diffusion.schedules import Diffusion
-from lumiere_jax.models.denoiser import Denoiser, build_denoiser
-from lumiere_jax.parallel.sharding import DEFAULT_RULES, MESH_AXES, logical_specs
+from lumiere_jax.models.denoiser import Denoiser, abstract_denoiser
+from lumiere_jax.parallel.mesh import (
+    MeshError,
+    check_batch,
+    fit_specs,
+    is_spec,
+    make_mesh,
+    mesh_config_parts,
+    mesh_rules,
+    mesh_text,
+    parse_mesh_text,  # noqa: F401  (the CLI's --mesh flag)
+    resolve_mesh_shape,
+    with_shardings,
+)
+from lumiere_jax.parallel.sharding import logical_specs
 from lumiere_jax.train.trainer import (
     TrainState,
+    compiled_flops,
     make_loss_fn,
     make_optimizer,
     make_train_step,
     split_model,
+    state_specs,
 )
 
 GIB = 1024**3
@@ -63,8 +75,7 @@ GIB = 1024**3
 COMPILE_PARAM_LIMIT = 50_000_000
 
 
-class PlanError(ValueError):
-    """The mesh or batch cannot run the config; the message says what to change."""
+PlanError = MeshError  # the mesh or batch cannot run the config; the message says what to change
 
 
 class PlanDoesNotFitError(PlanError):
@@ -79,87 +90,8 @@ class PlanDoesNotFitError(PlanError):
 # Mesh and batch.
 
 
-def parse_mesh_text(text: str) -> dict[str, int]:
-    """'data=8,fsdp=8,tensor=1' (the --mesh flag) -> {'data': 8, 'fsdp': 8, 'tensor': 1}."""
-    sizes = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        axis, sep, value = item.partition("=")
-        try:
-            sizes[axis.strip()] = int(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise PlanError(f"--mesh {text!r}: {item!r} is not axis=int; write e.g. "
-                            "data=8,fsdp=8,tensor=1 (axes: data, fsdp, tensor; -1 = the rest)")
-    return sizes
-
-
-def resolve_mesh_shape(mesh_shape: Mapping[str, int] | None,
-                       num_devices: int | None = None) -> dict[str, int]:
-    """{'data', 'fsdp', 'tensor'} sizes, -1 replaced by the rest of `num_devices`.
-
-    Missing axes are 1; None means dict(data=-1). `num_devices` defaults to the product of the
-    sizes when none is -1 (an abstract mesh, e.g. 64 chips of a pod), else to the local
-    jax.device_count().
-    """
-    shape = dict(mesh_shape) if mesh_shape else {"data": -1}
-    unknown = sorted(set(shape) - set(MESH_AXES))
-    if unknown:
-        raise PlanError(f"mesh axes {unknown} are unknown; the mesh axes are {MESH_AXES} "
-                        "(e.g. --mesh data=8,fsdp=8,tensor=1)")
-    sizes = {axis: shape.get(axis, 1) for axis in MESH_AXES}
-    bad = {a: s for a, s in sizes.items()
-           if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or (s < 1 and s != -1)}
-    if bad:
-        raise PlanError(f"mesh sizes {bad} must be positive ints, or -1 for 'the rest'")
-    rest = [a for a, s in sizes.items() if s == -1]
-    if len(rest) > 1:
-        raise PlanError(f"mesh axes {rest} are all -1; at most one axis can take the rest")
-    known = math.prod(s for s in sizes.values() if s != -1)
-    if num_devices is None:
-        num_devices = jax.device_count() if rest else known
-    if rest:
-        if num_devices % known:
-            raise PlanError(f"mesh {_mesh_text(sizes)}: the fixed axes ({known} devices) do not "
-                            f"divide the {num_devices} devices; choose sizes whose product "
-                            f"divides {num_devices}")
-        sizes[rest[0]] = num_devices // known
-    if math.prod(sizes.values()) != num_devices:
-        raise PlanError(f"mesh {_mesh_text(sizes)} has {math.prod(sizes.values())} devices, but "
-                        f"{num_devices} are to be used; the axis sizes must multiply to "
-                        f"{num_devices} (or set one axis to -1)")
-    return sizes
-
-
-def _mesh_text(sizes: Mapping[str, int]) -> str:
-    return ",".join(f"{a}={s}" for a, s in sizes.items())
-
-
-def check_batch(batch_size: int, sizes: Mapping[str, int]) -> int:
-    """The per-device batch; the global batch must split evenly over data * fsdp."""
-    shards = sizes["data"] * sizes["fsdp"]
-    if batch_size % shards:
-        raise PlanError(
-            f"train.batch_size={batch_size} is not divisible by data*fsdp = "
-            f"{sizes['data']}*{sizes['fsdp']} = {shards} (the batch is split over both); use a "
-            f"multiple of {shards}, e.g. "
-            f"--config.train.batch_size={shards * max(1, batch_size // shards)}")
-    return batch_size // shards
-
-
 # ----------------------------------------------------------------------------------------------
 # The abstract model and train-step arguments.
-
-
-def abstract_model(config: ConfigDict) -> Denoiser:
-    """The config's Denoiser with ShapeDtypeStruct parameters: nothing is allocated."""
-
-    def build() -> Denoiser:
-        with nnx.var_defaults(ref=True):  # a cheap counter under tracing (module docstring)
-            rngs = nnx.Rngs(config.seed)
-        return build_denoiser(config, rngs)
-
-    return nnx.eval_shape(build)
 
 
 def parameter_group(path: tuple) -> str:
@@ -211,44 +143,8 @@ def null_tokens(config: ConfigDict) -> dict[str, jax.Array]:
             "mask": jnp.zeros((1, length), bool).at[:, 0].set(True)}
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, PartitionSpec)
-
-
-def state_specs(params: nnx.State, opt_state, tx: optax.GradientTransformation,
-                rules) -> TrainState:
-    """PartitionSpecs of a TrainState: optimizer moments follow their parameter."""
-    param_specs = logical_specs(params, rules)
-    opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, opt_state, param_specs,
-                                      transform_non_params=lambda _: PartitionSpec(),
-                                      is_leaf=_is_spec)
-    return TrainState(PartitionSpec(), param_specs, opt_specs, param_specs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bytes and FLOPs.
-
-
 def _nbytes(x) -> int:
     return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-
-
-def divisible_spec(shape: tuple[int, ...], spec: PartitionSpec,
-                   sizes: Mapping[str, int]) -> PartitionSpec:
-    """`spec` with every dimension the mesh does not divide evenly left unsharded: jit refuses
-    uneven input shardings (e.g. an RGB conv's 3 input channels over fsdp=2)."""
-    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
-    fitted = []
-    for dim, entry in zip(shape, entries):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        fitted.append(entry if dim % math.prod(sizes[a] for a in axes) == 0 else None)
-    return PartitionSpec(*fitted)
-
-
-def fit_specs(tree, specs, sizes: Mapping[str, int]):
-    """divisible_spec for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
-    return jax.tree.map(lambda spec, x: divisible_spec(x.shape, spec, sizes), specs, tree,
-                        is_leaf=_is_spec)
 
 
 def shard_bytes(shape: tuple[int, ...], dtype, spec: PartitionSpec,
@@ -264,7 +160,7 @@ def shard_bytes(shape: tuple[int, ...], dtype, spec: PartitionSpec,
 def tree_shard_bytes(tree, specs, sizes: Mapping[str, int]) -> int:
     """Per-device bytes of a tree of arrays/ShapeDtypeStructs with a matching tree of specs."""
     leaves = jax.tree.leaves(tree)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=_is_spec)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=is_spec)
     if len(leaves) != len(spec_leaves):
         raise ValueError(f"{len(leaves)} arrays but {len(spec_leaves)} partition specs")
     return sum(shard_bytes(x.shape, x.dtype, s, sizes) for x, s in zip(leaves, spec_leaves))
@@ -307,25 +203,13 @@ def saved_residuals(loss_fn, params, frozen, batch, rng) -> list[jax.ShapeDtypeS
     return residuals
 
 
-def _local_mesh(sizes: Mapping[str, int]) -> Mesh:
-    n = math.prod(sizes.values())
-    devices = np.array(jax.devices()[:n]).reshape([sizes[a] for a in MESH_AXES])
-    return Mesh(devices, MESH_AXES)
-
-
-def _with_shardings(tree, specs, mesh: Mesh):
-    return jax.tree.map(
-        lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
-        specs, tree, is_leaf=_is_spec)
-
-
 # ----------------------------------------------------------------------------------------------
 # The plan.
 
 
 def plan(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None,
          device_memory_gib: float | None = None, *, num_devices: int | None = None,
-         compile: bool | None = None, rules=DEFAULT_RULES) -> dict[str, Any]:
+         compile: bool | None = None, rules=None) -> dict[str, Any]:
     """Parameters, FLOPs per training step and per-device memory of `config` on a mesh.
 
     mesh_shape: {'data', 'fsdp', 'tensor'} sizes (-1 = the rest); None takes config.mesh if
@@ -339,13 +223,16 @@ def plan(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None,
     Raises PlanError for a bad mesh or a batch that data*fsdp does not divide.
     """
     if mesh_shape is None and "mesh" in config:
-        mesh_shape = config.mesh.to_dict()
+        ici, dcn, _ = mesh_config_parts(config.mesh)
+        mesh_shape = {a: s if s == -1 else s * dcn[a] for a, s in ici.items()}
+    if rules is None:
+        rules = mesh_rules(config.get("mesh"))
     sizes = resolve_mesh_shape(mesh_shape, num_devices)
     n_devices = math.prod(sizes.values())
     batch_size = config.train.batch_size
     per_device_batch = check_batch(batch_size, sizes)
 
-    model = abstract_model(config)
+    model = abstract_denoiser(config)
     graphdef, params, frozen = split_model(model, config.train.trainable)
     counts = parameter_counts(model, params)
     tx = make_optimizer(config.train)
@@ -375,13 +262,13 @@ def plan(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None,
     if compile is None:
         compile = can_compile and counts["total"] <= COMPILE_PARAM_LIMIT
     elif compile and not can_compile:
-        raise PlanError(f"cannot compile for mesh {_mesh_text(sizes)}: it needs {n_devices} "
+        raise PlanError(f"cannot compile for mesh {mesh_text(sizes)}: it needs {n_devices} "
                         f"devices and {jax.device_count()} are local; plan without compiling")
     memory: dict[str, Any] = {}
     if compile:
-        mesh = _local_mesh(sizes)
-        args = (_with_shardings(state, specs, mesh), _with_shardings(frozen, frozen_specs, mesh),
-                _with_shardings(batch, batch_specs, mesh),
+        mesh = make_mesh(sizes, jax.devices()[:n_devices])
+        args = (with_shardings(state, specs, mesh), with_shardings(frozen, frozen_specs, mesh),
+                with_shardings(batch, batch_specs, mesh),
                 jax.ShapeDtypeStruct(rng.shape, rng.dtype,
                                      sharding=NamedSharding(mesh, PartitionSpec())))
         compiled = step_fn.lower(*args).compile()
@@ -389,7 +276,7 @@ def plan(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None,
         memory = {key: int(getattr(analysis, f"{key}_size_in_bytes"))
                   for key in ("argument", "output", "alias", "temp", "generated_code")}
         # The optimised, partitioned program of one device (collectives included).
-        memory["flops_per_device"] = float(compiled.cost_analysis().get("flops", 0.0))
+        memory["flops_per_device"] = compiled_flops(compiled)
         rows.append(("activations + gradients + temporaries", memory["temp"],
                      "compiled memory analysis"))
     else:
@@ -436,7 +323,7 @@ def _does_not_fit_message(report: dict[str, Any]) -> str:
     largest = ", ".join(f"{r['name']} {r['bytes'] / GIB:.1f} GiB" for r in parts[:3])
     return (
         f"does not fit: {report['per_device_total'] / GIB:.1f} GiB per device on mesh "
-        f"{_mesh_text(sizes)} exceeds the {report['device_memory_bytes'] / GIB:.1f} GiB of device "
+        f"{mesh_text(sizes)} exceeds the {report['device_memory_bytes'] / GIB:.1f} GiB of device "
         f"memory (largest: {largest}). To fit: a larger fsdp axis (parameters, gradients, "
         f"optimizer state and EMA are split over it: now fsdp={sizes['fsdp']}), a smaller "
         f"per-device batch (now {report['per_device_batch']}: lower train.batch_size or add "
@@ -451,7 +338,7 @@ def format_plan(report: dict[str, Any]) -> str:
     lines = [
         f"config: {report['config']['model']} video {report['config']['video']}, text "
         f"{report['config']['text']}, trainable {report['config']['trainable']!r}",
-        f"mesh: {_mesh_text(report['mesh'])} ({report['num_devices']} devices), batch "
+        f"mesh: {mesh_text(report['mesh'])} ({report['num_devices']} devices), batch "
         f"{report['batch_size']} ({report['per_device_batch']} per device)",
         "",
         f"{'parameters':<22}{'total':>16}{'trainable':>16}{'frozen':>16}",

@@ -4,10 +4,10 @@ Sources (config.data.source): 'shapes' (the built-in world, the default), 'shard
 directory, see shards.py) or 'tfds' (any TFDS dataset in array_record format, read without
 TensorFlow through `tfds.data_source`, with a field mapping).
 
-The pipeline is a `grain.MapDataset`: a seeded global shuffle, reshuffled every epoch, then
-each process takes every `process_count`-th element of that order (disjoint slices whose union
-is the epoch), then random temporal crops / frame strides and tokenization, seeded per
-element. The iterator's state (`get_state` / `set_state`, or Orbax through
+The pipeline is a `grain.MapDataset`: a seeded global shuffle, reshuffled every epoch, random
+temporal crops / frame strides and tokenization seeded per position in that order, then each
+process takes whole local batches of it in turn (ProcessBlocks: disjoint shares whose union
+is the epoch, and a global batch that does not depend on the number of processes). The iterator's state (`get_state` / `set_state`, or Orbax through
 grain.checkpoint) resumes exactly, also with worker processes (config.data.num_workers).
 
 Damaged records are skipped, not fatal: each example carries `corrupt_skipped`, the number of
@@ -131,6 +131,30 @@ def make_source(config: ConfigDict):
     raise ValueError(f"unknown config.data.source {kind!r}; use 'shapes', 'shards' or 'tfds'")
 
 
+class ProcessBlocks(grain.MapDataset):
+    """One process's share of an endless stream: blocks of `block` consecutive elements, block
+    j going to process j % process_count.
+
+    With block = the local batch, the processes' batches of step k, side by side, are the
+    elements a single process would batch at step k. The parent is the repeated dataset, so
+    batches run across epoch ends exactly as with one process.
+    """
+
+    def __init__(self, parent: grain.MapDataset, block: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self._block, self._index, self._count = block, process_index, process_count
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        rounds, offset = divmod(int(index), self._block)
+        return self._parent[(rounds * self._count + self._index) * self._block + offset]
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-example transforms.
 
@@ -252,16 +276,19 @@ def training_dataset(config: ConfigDict, tokenizer: Tokenizer, *, single_frame: 
         raise ValueError(f"config.data.clip_frames must be >= 0 (got {clip_frames}) and "
                          f"frame_strides positive ints (got {strides})")
     source = make_source(config) if source is None else source
-    if len(source) < process_count:
-        raise ValueError(f"the source holds {len(source)} records, fewer than the "
-                         f"{process_count} processes reading it")
+    if len(source) < batch:
+        raise ValueError(f"the source holds {len(source)} records, fewer than one global batch "
+                         f"(train.batch_size={batch})")
+    local_batch = batch // process_count
     ds = grain.MapDataset.source(SkipCorrupt(source)).seed(config.seed).shuffle()
-    ds = ds[process_index::process_count]  # after the shuffle: slices of one global order
-    ds = ds.repeat(None).random_map(
+    # Crops and tokens are drawn per position in the global order (before the process split),
+    # and each process takes whole local batches of that order, so the global batch of step
+    # k is the same examples in the same order whatever the number of processes.
+    ds = ds.random_map(
         ToExample(tokenizer, config.text.max_length, single_frame, clip_frames, strides))
+    ds = ProcessBlocks(ds.repeat(None), local_batch, process_index, process_count)
     # Grain's default read-ahead (16 threads, 500 elements) suits KiB-sized records; an
     # 80x128x128 float clip is 16 MB, so read ahead about two batches instead.
-    local_batch = batch // process_count
     read = grain.ReadOptions(num_threads=int(data.get("read_threads", 2)),
                              prefetch_buffer_size=int(data.get("read_ahead", 2 * local_batch)))
     ds = DropCorrupt(ds.to_iter_dataset(read))

@@ -9,6 +9,15 @@ Which parameters train is a regex over parameter paths (`train.trainable`, big_v
 style): '.*' trains everything (stage 0), 'temporal' only the STUNet's new layers (stage 1).
 The train step differentiates with respect to the trainable parameters only, so frozen
 weights get no gradient computation at all, no optimizer state, and stay bit-identical.
+
+Scale: the mesh comes from `config.mesh` (lumiere_jax.parallel.mesh; default all devices on
+'data'). Parameters are traced abstractly and initialised by a jitted function whose outputs
+already carry their shardings, so no array is ever whole on one device. The step is compiled
+ahead of time with explicit input/output shardings and a donated state; its cost analysis
+gives the FLOPs behind the per-step FLOP/s metric. With several processes
+(`jax.distributed`), each reads its own slice of the data, all of them checkpoint together,
+and only process 0 writes metrics and sample grids. SIGTERM saves at the next step boundary
+that every process agrees on, then returns (train.preemption).
 """
 
 from __future__ import annotations
@@ -30,21 +39,44 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from lumiere_jax import config as config_lib
-from lumiere_jax.data.pipeline import shapes_dataset, world_from_config
+from lumiere_jax.data.pipeline import global_batch, training_dataset, world_from_config
 from lumiere_jax.data.synthetic import ShapesSource
 from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.generate import Generator
-from lumiere_jax.models.denoiser import Denoiser, build_denoiser
+from lumiere_jax.models.denoiser import Denoiser, build_denoiser, denoiser_builder
+from lumiere_jax.parallel.mesh import (
+    MeshError,
+    batch_spec,
+    check_batch,
+    fit_specs,
+    host_replicated,
+    local_value,
+    make_mesh,
+    mesh_rules,
+    mesh_sizes,
+    opt_state_specs,
+    place_like,
+    replicated,
+    to_shardings,
+)
+from lumiere_jax.parallel.sharding import Rules, logical_specs
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import make_tokenizer
-from lumiere_jax.train.checkpoint import Checkpointer, FrozenRef, read_frozen, write_frozen
+from lumiere_jax.train.checkpoint import (
+    Checkpointer,
+    FrozenRef,
+    read_frozen,
+    tree_checksum,
+    write_frozen,
+)
 from lumiere_jax.train.export import inflate_from_export
 from lumiere_jax.train.metrics import MetricsWriter
+from lumiere_jax.train.preemption import PreemptionGuard
 
-# Keys that may change when a run is resumed (e.g. to train it for longer).
+# Keys that may change when a run is resumed (e.g. to train it for longer, or on another mesh).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                     "sample", "eval")
+                     "train.progress", "sample", "eval", "mesh")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,15 +135,47 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
     return loss_fn
 
 
+def microbatches(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] with microbatch i = examples i, i+k, i+2k, ...
+
+    Interleaved, so each device's contiguous share of a batch sharded on dim 0 holds an equal
+    part of every microbatch and the split moves no data between devices.
+    """
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    diffusion: Diffusion, train: ConfigDict, null_tokens: dict[str, jax.Array]):
-    """(state, frozen, batch, rng) -> (state, metrics): one optimizer step on one batch."""
+                    diffusion: Diffusion, train: ConfigDict, null_tokens: dict[str, jax.Array],
+                    *, shardings: tuple | None = None):
+    """(state, frozen, batch, rng) -> (state, metrics): one optimizer step on one batch.
+
+    With train.grad_accum = k > 1 the batch is split into k microbatches whose gradients are
+    averaged (microbatch i uses the step's RNG folded with i) before one update.
+    `shardings` = (state, frozen, batch, replicated) shardings: the jitted step then takes and
+    returns exactly those, and donates the state.
+    """
     loss_fn = make_loss_fn(graphdef, diffusion, train, null_tokens)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    accum = int(train.get("grad_accum", 1))
+
+    def loss_and_grads(params, frozen, batch, rng):
+        if accum == 1:
+            (loss, _), grads = grad_fn(params, frozen, batch, rng)
+            return loss, grads
+
+        def add_microbatch(carry, xs):
+            index, micro = xs
+            (loss, _), grads = grad_fn(params, frozen, micro, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        micro = jax.tree.map(lambda x: microbatches(x, accum), batch)
+        (loss, grads), _ = jax.lax.scan(add_microbatch, zero, (jnp.arange(accum), micro))
+        return loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
     def train_step(state: TrainState, frozen: nnx.State, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)  # per-step RNG from the step: exact resume
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, frozen, batch, rng)
+        loss, grads = loss_and_grads(state.params, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, train.ema_decay)
@@ -120,7 +184,58 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    "param_norm": optax.global_norm(params)}
         return TrainState(state.step + 1, params, opt_state, ema), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    state_sh, frozen_sh, batch_sh, repl = shardings
+    return jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh, repl),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+
+
+def state_specs(params: nnx.State, opt_state, tx: optax.GradientTransformation,
+                rules: Rules) -> TrainState:
+    """PartitionSpecs of a TrainState from the logical rules: optimizer moments and the EMA
+    follow their parameter, counters replicate."""
+    param_specs = logical_specs(params, rules)
+    return TrainState(jax.sharding.PartitionSpec(), param_specs,
+                      opt_state_specs(tx, opt_state, param_specs), param_specs)
+
+
+def init_sharded(config: ConfigDict, mesh: jax.sharding.Mesh, rules: Rules
+                 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable params, frozen state) of the config's model, each array created by
+    a jitted initialiser directly in its sharding on `mesh` (never whole on one device)."""
+    build, pattern = denoiser_builder(config), config.train.trainable
+    graphdef, params, frozen = split_model(nnx.eval_shape(build), pattern)
+    sizes = mesh_sizes(mesh)
+    specs = (fit_specs(params, logical_specs(params, rules), sizes),
+             fit_specs(frozen, logical_specs(frozen, rules), sizes))
+    init = jax.jit(lambda: split_model(build(), pattern)[1:],
+                   out_shardings=to_shardings(specs, mesh))
+    params, frozen = init()
+    return graphdef, params, frozen
+
+
+def init_state(params: nnx.State, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh) -> TrainState:
+    """Step 0: optimizer state sharded like the parameters it tracks, EMA a copy of them."""
+    opt_abstract = jax.eval_shape(tx.init, params)
+    param_specs = jax.tree.map(lambda x: x.sharding.spec, params)
+    opt_sh = to_shardings(opt_state_specs(tx, opt_abstract, param_specs), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    return TrainState(host_replicated(np.zeros((), np.int32), mesh), params, opt_state,
+                      jax.tree.map(jnp.copy, params))
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float:
+    """FLOPs of one device's optimised program, from XLA's cost analysis (0 if unknown)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
 
 
 def split_model(model: Denoiser, pattern: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -141,7 +256,7 @@ def prepare_workdir(workdir: str) -> epath.Path:
     path = epath.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -172,87 +287,117 @@ TRAIN_SCHEMA = {
     "train.cond_drop": config_lib.probability,
     "train.ckpt_every": config_lib.positive_int,
     "train.max_to_keep": config_lib.positive_int,
+    "train.grad_accum": config_lib.positive_int,
     "text.max_length": config_lib.positive_int,
 }
 
 
 def train(config: ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
+
+    Every process of a multi-process job calls this with the same arguments.
+    """
     config_lib.validate_config(config, TRAIN_SCHEMA)
+    train_cfg = config.train
+    mesh = make_mesh(config.get("mesh"))
+    rules = mesh_rules(config.get("mesh"))
+    per_device = check_batch(train_cfg.batch_size, mesh_sizes(mesh))
+    accum = int(train_cfg.get("grad_accum", 1))
+    if per_device % accum:
+        raise MeshError(f"train.grad_accum={accum} does not divide the per-device batch "
+                        f"{per_device} (train.batch_size={train_cfg.batch_size} over "
+                        f"{train_cfg.batch_size // per_device} data*fsdp shards)")
+    primary = jax.process_index() == 0
     workdir = prepare_workdir(workdir)
     _check_resume(config, workdir)
-    config_lib.write_resolved_config(config, workdir)
-    train_cfg = config.train
+    if primary:
+        config_lib.write_resolved_config(config, workdir)
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=train_cfg.max_to_keep,
                         keep_period=train_cfg.keep_period or None)
     start = ckpt.latest_step()
-    model = build_denoiser(config, nnx.Rngs(config.seed))
+    graphdef, params, frozen = init_sharded(config, mesh, rules)
     if start is None and config.get("init_from"):
+        model = nnx.merge(graphdef, params, frozen)
         report = inflate_from_export(model, config.init_from)
         logging.info("inflated %s: %s", config.init_from, report)
-    graphdef, params, frozen = split_model(model, train_cfg.trainable)
+        _, inflated_params, inflated_frozen = split_model(model, train_cfg.trainable)
+        params = place_like(inflated_params, params)
+        frozen = place_like(inflated_frozen, frozen)
     tx = make_optimizer(train_cfg)
     diffusion = Diffusion.from_config(config.diffusion)
     tokenizer = make_tokenizer(config.text.tokenizer, config.text.get("vocab_path"))
     null = tokenizer.encode_batch([NULL_PROMPT], config.text.max_length)
     null_tokens = {"ids": jnp.asarray(null.ids), "mask": jnp.asarray(null.mask)}
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                       jax.tree.map(jnp.copy, params))
-    logging.info("parameters: %d trainable, %d frozen", count_params(params),
-                 count_params(frozen))
+    state = init_state(params, tx, mesh)
+    logging.info("parameters: %d trainable, %d frozen; mesh %s", count_params(params),
+                 count_params(frozen), mesh_sizes(mesh))
 
-    single_frame = config.model.kind == "unet"
-    data_iter = iter(shapes_dataset(config, tokenizer, single_frame=single_frame))
+    data_iter = iter(training_dataset(
+        config, tokenizer, single_frame=config.model.kind == "unet",
+        process_index=jax.process_index(), process_count=jax.process_count()))
     if start is not None:
-        items, metadata = ckpt.restore(start, _pure(state), data_iter=data_iter)
-        state = _from_pure(state, items, start)
-        frozen_ref = metadata.get("frozen")
-        if frozen_ref:
-            frozen = _fill(frozen, read_frozen(FrozenRef.from_json(frozen_ref),
-                                               _to_pure(frozen)))
+        state, frozen = restore_train_state(ckpt, start, state, frozen, mesh, data_iter)
         logging.info("resumed from step %d in %s", start, workdir)
     # Frozen weights are written once, outside the rotating checkpoints, and every step's
     # metadata points at them (with their checksum).
     frozen_ref = (write_frozen(workdir / "frozen", _to_pure(frozen)).to_json()
                   if jax.tree.leaves(frozen) else None)
-    step = int(state.step)
+    step = int(jax.device_get(state.step.addressable_data(0)))
 
-    train_step = make_train_step(graphdef, tx, diffusion, train_cfg, null_tokens)
-    rng = jax.random.key(config.seed)
-    writer = MetricsWriter(workdir)
+    repl = replicated(mesh)
+    batch_sh = jax.sharding.NamedSharding(mesh, batch_spec(mesh, rules))
+    step_fn = make_train_step(graphdef, tx, diffusion, train_cfg, null_tokens, shardings=(
+        shardings_of(state), shardings_of(frozen), batch_sh, repl))
+    rng = jax.random.wrap_key_data(host_replicated(
+        np.asarray(jax.random.key_data(jax.random.key(config.seed))), mesh))
+    writer = MetricsWriter(workdir, is_primary=primary)
     last: dict[str, float] = {}
+    compiled, flops = None, 0.0
     generator = None  # built at the first sample grid
     skipped = 0
     pending = None  # metrics of the step in flight: fetched after the next one is dispatched
     t0 = time.perf_counter()
     try:
-        with tqdm(total=train_cfg.steps, initial=step, desc="train", unit="step",
-                  disable=not train_cfg.progress) as bar:
+        with PreemptionGuard() as guard, tqdm(
+                total=train_cfg.steps, initial=step, desc="train", unit="step",
+                disable=not (train_cfg.progress and primary)) as bar:
             while step < train_cfg.steps:
-                batch = next(data_iter)
+                local = next(data_iter)
                 # Damaged records are dropped by the pipeline and counted, never fatal.
-                skipped += int(np.sum(batch.pop("corrupt_skipped", 0)))
-                state, metrics = train_step(state, frozen, jax.tree.map(jnp.asarray, batch), rng)
+                skipped += int(np.sum(local.pop("corrupt_skipped", 0)))
+                batch = global_batch(local, mesh, batch_spec(mesh, rules)[0])
+                if compiled is None:
+                    compiled = step_fn.lower(state, frozen, batch, rng).compile()
+                    flops = compiled_flops(compiled) * mesh.size
+                    t0 = time.perf_counter()  # the compile is not a step
+                state, metrics = compiled(state, frozen, batch, rng)
                 metrics = {**metrics, "records_skipped": skipped}
                 step += 1
                 if pending is not None:
-                    last = _log(writer, *pending, train_cfg, bar, t0)
+                    last = _log(writer, *pending, train_cfg, bar, t0, flops)
                 pending = (step, metrics)
                 t0 = time.perf_counter()
-                if step % train_cfg.ckpt_every == 0 or step == train_cfg.steps:
-                    last = _log(writer, *pending, train_cfg, bar, t0)
+                preempted = train_cfg.get("preemption", True) and guard.should_stop()
+                if (step % train_cfg.ckpt_every == 0 or step == train_cfg.steps
+                        or preempted):
+                    last = _log(writer, *pending, train_cfg, bar, t0, flops)
                     pending = None
                     ckpt.save(step, _pure(state), _metadata(config, frozen_ref),
-                              data_iter=data_iter)
+                              data_iter=data_iter, force=preempted)
+                if preempted:
+                    logging.warning("SIGTERM: saved step %d in %s; rerun the same command to "
+                                    "resume", step, workdir)
+                    last["preempted_at"] = step
+                    break
                 if train_cfg.sample_every and step % train_cfg.sample_every == 0:
                     if generator is None:
                         generator = make_generator(nnx.merge(graphdef, state.ema, frozen),
-                                                   config, diffusion, tokenizer)
+                                                   config, diffusion, tokenizer, mesh=mesh)
                     writer.write_images(step, "samples",
                                         preview(generator.with_params(state.ema, frozen), config))
             if pending is not None:
-                last = _log(writer, *pending, train_cfg, bar, t0)
+                last = _log(writer, *pending, train_cfg, bar, t0, flops)
     finally:
         ckpt.wait()
         ckpt.close()
@@ -260,8 +405,40 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     return last
 
 
+def restore_train_state(ckpt: Checkpointer, step: int, state: TrainState, frozen: nnx.State,
+                        mesh: jax.sharding.Mesh, data_iter=None) -> tuple[TrainState, nnx.State]:
+    """(state, frozen) of checkpoint `step`, placed like the given ones (any mesh: restoring
+    onto another mesh reshards); `data_iter` is restored in place."""
+    items, metadata = ckpt.restore(step, _pure(state), data_iter=data_iter)
+    state = _from_pure(state, items, step, mesh)
+    if metadata.get("frozen"):
+        frozen = _fill(frozen, read_frozen(FrozenRef.from_json(metadata["frozen"]),
+                                           _to_pure(frozen)))
+    return state, frozen
+
+
+def load_train_state(config: ConfigDict, workdir: str, step: int | None = None
+                     ) -> tuple[TrainState, nnx.State, int]:
+    """(state, frozen, step) of a run's checkpoint on the mesh of `config` (which may differ
+    from the mesh that saved it)."""
+    mesh = make_mesh(config.get("mesh"))
+    graphdef, params, frozen = init_sharded(config, mesh, mesh_rules(config.get("mesh")))
+    state = init_state(params, make_optimizer(config.train), mesh)
+    with Checkpointer(epath.Path(workdir) / "checkpoints", max_to_keep=None) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+        state, frozen = restore_train_state(ckpt, step, state, frozen, mesh)
+    return state, frozen, step
+
+
+def state_checksum(state: TrainState, frozen: nnx.State) -> str:
+    """sha256 of every array of a training state (independent of sharding and mesh)."""
+    return tree_checksum({"state": _pure(state), "frozen": _to_pure(frozen)})
+
+
 def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
-                   tokenizer) -> Generator:
+                   tokenizer, mesh: jax.sharding.Mesh | None = None) -> Generator:
     """A sampler for `model` with the run's sampling settings (config.sample)."""
     world = world_from_config(config)
     shape = (world.height, world.width, 3)
@@ -269,7 +446,7 @@ def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
         shape = (world.num_frames,) + shape
     return Generator(model, diffusion, tokenizer, config.text.max_length, shape,
                      sampler=config.sample.sampler, steps=config.sample.steps,
-                     batch_size=config.sample.batch_size)
+                     batch_size=config.sample.batch_size, mesh=mesh)
 
 
 def preview_prompts(config: ConfigDict, n: int) -> list[str]:
@@ -288,8 +465,9 @@ def preview(generator: Generator, config: ConfigDict, n: int = 16) -> np.ndarray
 
 
 def _log(writer: MetricsWriter, step: int, metrics: dict, train_cfg: ConfigDict, bar,
-         t0: float) -> dict[str, float]:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+         t0: float, flops: float) -> dict[str, float]:
+    values = {k: float(v if isinstance(v, (int, float)) else local_value(v))
+              for k, v in metrics.items()}
     # The parameter norm is of the updated parameters: a finite loss followed by a NaN update
     # must not reach a checkpoint either.
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
@@ -300,6 +478,8 @@ def _log(writer: MetricsWriter, step: int, metrics: dict, train_cfg: ConfigDict,
             "train.lr or train.grad_clip, or check the data, then rerun to resume from it.")
     values["step_time_s"] = time.perf_counter() - t0
     values["examples_per_s"] = train_cfg.batch_size / max(values["step_time_s"], 1e-9)
+    # XLA's count for all devices' programs over the wall time of the step, all devices.
+    values["flops_per_s"] = flops / max(values["step_time_s"], 1e-9)
     bar.update(step - bar.n)
     if step % train_cfg.log_every == 0 or step == 1:
         bar.set_postfix(loss=f"{values['loss']:.4f}")
@@ -337,9 +517,11 @@ def _fill(template, pure):
     return filled
 
 
-def _from_pure(template: TrainState, pure: dict[str, Any], step: int) -> TrainState:
+def _from_pure(template: TrainState, pure: dict[str, Any], step: int,
+               mesh: jax.sharding.Mesh) -> TrainState:
     """Inverse of `_pure`, with `template` giving the nnx.State structure."""
-    return TrainState(jnp.asarray(step, jnp.int32), _fill(template.params, pure["params"]),
+    return TrainState(host_replicated(np.asarray(step, np.int32), mesh),
+                      _fill(template.params, pure["params"]),
                       jax.tree.map(_fill, template.opt_state, pure["opt_state"],
                                    is_leaf=_is_state),
                       _fill(template.ema, pure["ema"]))
