@@ -105,23 +105,25 @@ def test_one_step_on_a_mesh_equals_one_device(reference, name):
 
 
 def test_parameters_live_sharded_by_the_rules():
-    """On fsdp=8 the big kernels hold 1/8 of their rows per device; on tensor=8 their
-    columns; norms stay replicated."""
+    """On fsdp=8 every big kernel holds 1/8 of its rows per device; on tensor=8 the kernels
+    with 8-divisible wide dimensions hold 1/8 of their columns; norms stay replicated."""
     for mesh, axis in (((1, 8, 1), "fsdp"), ((1, 1, 8), "tensor")):
         config = _config(mesh)
         m = make_mesh(config.mesh)
         _, params, frozen = trainer.init_sharded(config, m, mesh_rules(config.mesh))
-        flat = {"/".join(map(str, p)): v for p, v in
+        flat = {jax.tree_util.keystr(p, simple=True, separator="/"): v for p, v in
                 jax.tree_util.tree_flatten_with_path(params)[0]}
         sharded = [p for p, x in flat.items()
                    if x.addressable_shards[0].data.size * 8 == x.size]
         big = [p for p, x in flat.items() if x.size >= 64 * 64]
-        # Every big array is split over the axis; T5 and temporal layers included.
-        assert set(big) <= set(sharded), sorted(set(big) - set(sharded))[:5]
-        assert any("text_encoder" in p for p in sharded)
+        # fsdp: every big array is split, T5 and temporal layers included. tensor: the tiny
+        # T5's 4 heads cannot split 8 ways, so its attention stays whole (fit_specs).
+        if axis == "fsdp":
+            assert set(big) <= set(sharded), sorted(set(big) - set(sharded))[:5]
+            assert any("text_encoder" in p for p in sharded)
         assert any("temporal" in p for p in sharded)
         assert all(axis in str(flat[p].sharding.spec) for p in sharded)
-        norms = [x for p, x in flat.items() if p.endswith("scale") and "norm" in p]
+        norms = [x for p, x in flat.items() if p.endswith("scale/value") and "norm" in p]
         assert norms and all(x.sharding.is_fully_replicated for x in norms)
 
 
