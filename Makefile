@@ -25,7 +25,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) -m bench.run_all
+	$(PY) -m bench.bench_train
+	$(PY) -m bench.bench_t5
+	$(PY) -m bench.bench_data
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache

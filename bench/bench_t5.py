@@ -11,42 +11,14 @@ so the fraction is comparable across machines. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.timing import compiled_flops, matmul_peak, median_seconds
 from lumiere_jax.text.t5 import T5Encoder, count_params, get_preset
-
-
-def median_seconds(fn, *args, runs: int) -> float:
-    """Median wall time of `fn(*args)` over `runs` calls, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def compiled_flops(jitted, *args) -> float:
-    analysis = jitted.lower(*args).compile().cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
-        analysis = analysis[0]
-    return float(analysis["flops"])
-
-
-def matmul_peak(m: int, k: int, n: int, runs: int) -> float:
-    """FLOP/s of a jitted float32 [m, k] x [k, n] matmul."""
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    return 2.0 * m * k * n / median_seconds(matmul, a, b, runs=runs)
 
 
 def bench_encoder(preset: str, dtype: str, batch: int, length: int, runs: int) -> dict:
@@ -56,7 +28,7 @@ def bench_encoder(preset: str, dtype: str, batch: int, length: int, runs: int) -
     ids = jnp.asarray(rng.integers(3, config.vocab_size, (batch, length)), jnp.int32)
     mask = jnp.ones((batch, length), bool)
     encode = jax.jit(lambda p, i, m: nnx.merge(graphdef, p)(i, m))
-    flops = compiled_flops(encode, params, ids, mask)
+    flops = compiled_flops(encode.lower(params, ids, mask).compile())
     seconds = median_seconds(encode, params, ids, mask, runs=runs)
     return {"dtype": dtype, "seconds": seconds, "flops": flops,
             "params": count_params(config), "config": config}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lumiere_jax.models import layers
 from lumiere_jax.models.stunet import STUNet, STUNetConfig
 from lumiere_jax.models.unet import UNet, UNetConfig
 from lumiere_jax.parallel.sharding import unannotated_params
@@ -40,6 +41,20 @@ def _stunet(**kwargs) -> STUNet:
     model = STUNet(STUNetConfig(unet=UNET, **kwargs), rngs=nnx.Rngs(0))
     _randomise(model.unet)
     return model
+
+
+def test_group_norm_matches_a_numpy_reference():
+    """Per example and per group of channels: zero mean, unit variance, then scale and bias."""
+    x = np.random.default_rng(0).normal(3.0, 2.0, (3, 4, 5, 12)).astype(np.float32)
+    norm = layers.GroupNorm(12, groups=4, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.linspace(0.5, 2.0, 12)
+    norm.bias[...] = jnp.linspace(-1.0, 1.0, 12)
+    groups = x.reshape(3, 4, 5, 4, 3).astype(np.float64)
+    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+    var = groups.var(axis=(1, 2, 4), keepdims=True)
+    want = ((groups - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    want = want * np.linspace(0.5, 2.0, 12) + np.linspace(-1.0, 1.0, 12)
+    np.testing.assert_allclose(norm(jnp.asarray(x)), want, atol=2e-5)
 
 
 def test_unet_shapes_and_annotations():

@@ -86,14 +86,23 @@ class GroupNorm(nnx.Module):
         self.groups = groups
         self.eps = eps
 
+    def _group_mean(self, v: Array) -> Array:
+        """[B, S, C] -> [B, 1, C]: the mean over S and over each channel's group.
+
+        Reduced in two stages, over S per channel (the contiguous channels stay the vector
+        lanes), then over the few channels of a group: XLA's CPU reduction over the
+        [B, S, G, C/G] axes (1, 3) in one go was 7x slower forward and 4x backward."""
+        b, _, c = v.shape
+        per_channel = v.mean(axis=1).reshape(b, self.groups, c // self.groups)
+        per_group = jnp.broadcast_to(per_channel.mean(axis=-1, keepdims=True), per_channel.shape)
+        return per_group.reshape(b, 1, c)
+
     def __call__(self, x: Array) -> Array:
         dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        grouped = x32.reshape(*x.shape[:-1], self.groups, x.shape[-1] // self.groups)
-        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-        mean = grouped.mean(axis=axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        v = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+        centred = v - self._group_mean(v)
+        var = self._group_mean(jnp.square(centred))
+        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
         return (y * self.scale[...] + self.bias[...]).astype(dtype)
 
 
