@@ -14,17 +14,23 @@ equations are diagonal (each frame is its own unknown), so the solution is, per 
 The sampler's prediction (eps or v) is, for a fixed z, an affine function of the x0 estimate
 with the same coefficients in every window, so averaging predictions averages the x0
 estimates: reconciling the prediction is exactly MultiDiffusion's reconciliation of x0.
+
+Per-frame conditioning (the SSR's low-resolution video, whose frame f is the high-resolution
+frame f) is cut into the same windows and handed to the denoiser with its window.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 PredictionFn = Callable[[jax.Array, jax.Array], jax.Array]
+# fn(z_window, logsnr, frame_cond_window) for a denoiser with per-frame conditioning.
+FrameCondPredictionFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 WEIGHTS = ("uniform", "tapered")
 
 
@@ -122,8 +128,23 @@ def merge_windows(
     return out.astype(windows.dtype)
 
 
+def _check_frame_cond(frame_cond: Any, num_frames: int) -> None:
+    leaves = jax.tree_util.tree_leaves(frame_cond)
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    if not leaves or any(len(s) < 2 or s[1] != num_frames for s in shapes):
+        raise ValueError(
+            f"multidiffusion: every frame_cond leaf must be [b, {num_frames}, ...] with frames "
+            f"on axis 1 (the clip's frame count), got leaf shapes {shapes}."
+        )
+
+
 def multidiffusion(
-    fn: PredictionFn, num_frames: int, window: int, overlap: int = 2, weights: str = "uniform"
+    fn: PredictionFn | FrameCondPredictionFn,
+    num_frames: int,
+    window: int,
+    overlap: int = 2,
+    weights: str = "uniform",
+    frame_cond: Any = None,
 ) -> PredictionFn:
     """Wrap fn(z [b, window, ...], logsnr [b]) into fn'(z [b, num_frames, ...], logsnr [b]).
 
@@ -131,9 +152,19 @@ def multidiffusion(
     into the batch: fn typically closes over per-example conditioning of batch b, e.g. text
     embeddings or classifier_free_guidance's condition), then merge_windows reconciles them.
     If the window is the whole clip, fn' returns fn(z, logsnr) unchanged.
+
+    frame_cond: optional pytree of per-frame conditioning, leaves [b, num_frames, ...] (e.g.
+    the SSR's low-resolution video [b, f, h, w, 3]; its frame axis is z's, whatever its
+    spatial size). It is split into the same windows once, here, and fn is then called as
+    fn(z_window, logsnr, frame_cond_window); for the whole clip, fn(z, logsnr, frame_cond).
+    fn' still takes (z, logsnr), so it drops into any sampler.
     """
     starts = window_starts(num_frames, window, overlap)
     frame_weights = window_weights(window, overlap, weights)
+    if frame_cond is not None:
+        _check_frame_cond(frame_cond, num_frames)
+        cond_windows = jax.tree_util.tree_map(
+            lambda c: split_windows(c, starts, window), frame_cond)
 
     def windowed(z: jax.Array, logsnr: jax.Array) -> jax.Array:
         if z.ndim < 2 or z.shape[1] != num_frames:
@@ -141,9 +172,20 @@ def multidiffusion(
                 f"multidiffusion: z has shape {z.shape}, expected [b, {num_frames}, ...] with "
                 f"frames on axis 1; build the wrapper with the clip's frame count."
             )
+        if frame_cond is not None:
+            cond_batch = {jnp.shape(c)[0] for c in jax.tree_util.tree_leaves(frame_cond)}
+            if cond_batch != {z.shape[0]}:
+                raise ValueError(
+                    f"multidiffusion: frame_cond has batch {sorted(cond_batch)} but z has "
+                    f"batch {z.shape[0]}; build the wrapper with this batch's condition."
+                )
         if starts == (0,):  # the window is the whole clip: nothing to reconcile
-            return fn(z, logsnr)
-        preds = jax.vmap(lambda zw: fn(zw, logsnr))(split_windows(z, starts, window))
+            return fn(z, logsnr) if frame_cond is None else fn(z, logsnr, frame_cond)
+        z_windows = split_windows(z, starts, window)
+        if frame_cond is None:
+            preds = jax.vmap(lambda zw: fn(zw, logsnr))(z_windows)
+        else:
+            preds = jax.vmap(lambda zw, cw: fn(zw, logsnr, cw))(z_windows, cond_windows)
         return merge_windows(preds, starts, num_frames, frame_weights)
 
     return windowed

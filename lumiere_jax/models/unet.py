@@ -184,9 +184,13 @@ class UNet(nnx.Module):
         return jax.checkpoint(run, policy=policy)(state, h, emb, text, text_mask)
 
     def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array,
-                 hooks: Hooks | None = None) -> Array:
+                 hooks: Hooks | None = None, extra_emb: Array | None = None) -> Array:
         """x: [b * t, H, W, C] (t = 1 for images), logsnr: [b], text: [b, L, Dt],
-        text_mask: [b, L] -> prediction [b * t, H, W, out_channels] (float32)."""
+        text_mask: [b, L] -> prediction [b * t, H, W, out_channels] (float32).
+
+        extra_emb: optional [b, emb_dim] added to the per-example embedding, for conditioning
+        a wrapping model owns (e.g. the SSR's augmentation noise level); None adds nothing.
+        """
         b = logsnr.shape[0]
         n = self.cfg.num_levels
         if x.shape[1] % 2 ** (n - 1) or x.shape[2] % 2 ** (n - 1):
@@ -194,6 +198,11 @@ class UNet(nnx.Module):
                              f"for {n} U-Net levels")
         after = (lambda name, h: hooks.after_block(name, h, b)) if hooks else (lambda _, h: h)
         emb = self.embed(logsnr, text, text_mask)
+        if extra_emb is not None:
+            if extra_emb.shape != emb.shape:
+                raise ValueError(f"extra_emb has shape {extra_emb.shape}; it is added to the "
+                                 f"embedding and must have shape {emb.shape} [b, emb_dim]")
+            emb = emb + extra_emb.astype(emb.dtype)
 
         h = self.conv_in(x)
         skips = [h]
