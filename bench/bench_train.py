@@ -41,7 +41,7 @@ from lumiere_jax.train.trainer import (
 
 STUNET = "configs/shapes_stunet.py"
 CONFIGS = {  # name -> (config file:arg, description)
-    "stage-0 U-Net": ("configs/shapes_t2i.py", "32x32 images, channels 32, batch 8"),
+    "stage-0 U-Net": ("configs/shapes_t2i.py", "32x32 images, channels 16, batch 8"),
     "tiny STUNet": (f"{STUNET}:batch=4", "16x32x32, channels 16, batch 4"),
     "mid STUNet": (f"{STUNET}:batch=4,channels=64", "16x32x32, channels 64, batch 4"),
 }

@@ -35,6 +35,9 @@ _GUIDANCE = flags.DEFINE_list("guidance", None, "Classifier-free guidance scales
                               "config's sample.guidance); every combination is sampled.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
+_PER_FRAME = flags.DEFINE_bool(
+    "per_frame", False, "eval: score the per-frame baseline instead (the run's init_from image "
+    "model on every frame independently, same prompts, seeds and noise).")
 _NUM = flags.DEFINE_integer("num", 8, "How many items (data synth).")
 _SPLIT = flags.DEFINE_string("split", "train", "Split of the built-in world (data synth).")
 _SRC = flags.DEFINE_string("src", None, "Source checkpoint (t5 convert).")
@@ -112,8 +115,12 @@ def cmd_sample():
 
 
 def cmd_eval():
-    from lumiere_jax.sampling import evaluate
-    report = evaluate(_run_config(), _require(_WORKDIR, "eval"), step=_STEP.value)
+    from lumiere_jax.sampling import evaluate, evaluate_per_frame
+    config, workdir = _run_config(), _require(_WORKDIR, "eval")
+    if _PER_FRAME.value:
+        report = evaluate_per_frame(config, _OUT.value or f"{workdir}/eval_per_frame")
+    else:
+        report = evaluate(config, workdir, step=_STEP.value, out=_OUT.value)
     print(json.dumps(report["summary"], indent=1))
 
 

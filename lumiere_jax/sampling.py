@@ -145,6 +145,16 @@ def per_frame_generator(video_config: ConfigDict, image_export: str):
     return make_generator(model, config, Diffusion.from_config(config.diffusion), tokenizer)
 
 
+def evaluate_per_frame(video_config: ConfigDict, out: str) -> dict[str, Any]:
+    """`evaluate` for the per-frame baseline of a video run: its `init_from` image model."""
+    source = video_config.get("init_from")
+    if video_config.model.kind != "stunet" or not source:
+        raise ValueError("the per-frame baseline needs a video (stunet) run whose config names "
+                         "the image model it was inflated from (init_from)")
+    return evaluate_generator(per_frame_generator(video_config, source), video_config, out,
+                              "per_frame")
+
+
 def write_synthetic_previews(out: str, num: int, split: str = "train",
                              world: ShapesWorld | None = None) -> list[str]:
     """`num` clips of the built-in world as gif + PNG contact sheet, for a look at the data."""

@@ -185,3 +185,20 @@ def test_a_damaged_record_is_skipped_at_training_time(tmp_path):
     last = trainer.train(config, str(tmp_path / "run"))  # 4 steps x 4 clips: two epochs
     assert last["records_skipped"] >= 1
     assert np.isfinite(last["loss"])
+
+
+def test_per_frame_baseline_is_the_image_model_on_every_frame(tmp_path):
+    """`lumiere eval --per_frame` scores the run's init_from image model (the shipped stage-0
+    export) applied to every frame; an image run has no per-frame baseline."""
+    from lumiere_jax.sampling import evaluate_per_frame
+
+    config = load_config("configs/shapes_stunet.py:smoke", ["eval.num_samples=2",
+                                                              "world.num_frames=4"])
+    report = evaluate_per_frame(config, str(tmp_path))
+    for split in ("test", "heldout"):
+        assert report["summary"][split]["n"] == 2
+        assert 0.0 <= report["summary"][split]["colour_acc"] <= 1.0
+    assert (tmp_path / "step_per_frame.json").exists()
+    unet = load_config("configs/shapes_t2i.py:smoke")
+    with pytest.raises(ValueError, match="per-frame baseline needs a video"):
+        evaluate_per_frame(unet, str(tmp_path))
