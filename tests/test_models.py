@@ -8,7 +8,7 @@ from flax import nnx
 
 from lumiere_jax.models import layers
 from lumiere_jax.models.stunet import STUNet, STUNetConfig
-from lumiere_jax.models.unet import UNet, UNetConfig
+from lumiere_jax.models.unet import UNet, UNetConfig, block_names
 from lumiere_jax.parallel.sharding import unannotated_params
 
 UNET = UNetConfig(channels=16, channel_mult=(1, 2, 4), attention_levels=(1, 2), text_dim=8)
@@ -115,7 +115,7 @@ class _AverageAndRepeat:
     def __init__(self, down, up):
         self.down, self.up = down, up
 
-    def after_block(self, name, h, b):
+    def after_block(self, name, h, emb):
         return h
 
     def downsample(self, name, h, b):
@@ -156,6 +156,24 @@ def test_temporal_attention_only_at_the_coarsest_level():
             and "/qkv/" in p}
     assert attn == {n for n, k in kinds.items() if k == "TemporalAttention"}
     assert unannotated_params(nnx.state(model)) == []
+
+
+def test_temporal_layers_are_conditioned_on_the_embedding():
+    # The frozen image model never saw motion, so "moving left" vs "moving right" reaches the
+    # temporal layers through their FiLM from the per-video embedding (noise level + text):
+    # the same activation with another embedding gives another output.
+    model = STUNet(STUNetConfig(unet=UNET), rngs=nnx.Rngs(0))
+    _randomise(model)
+    emb = jax.random.normal(jax.random.key(4), (B, UNET.emb_dim))
+    for name, level, ch in block_names(UNET):
+        if name not in model.temporal.blocks:
+            continue
+        h = jax.random.normal(jax.random.key(5), (B * T, HW >> level, HW >> level, ch))
+        same = model.temporal.after_block(name, h, emb)
+        other = model.temporal.after_block(name, h, emb.at[0].add(1.0))
+        assert np.abs(same - other)[:T].max() > 1e-3, name  # video 0's frames change
+        np.testing.assert_array_equal(same[T:], other[T:], err_msg=name)  # video 1's do not
+    assert len(model.temporal.blocks) == len(block_names(UNET))
 
 
 def test_ablation_switches_change_the_parameter_tree():

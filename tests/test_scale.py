@@ -23,7 +23,7 @@ from lumiere_jax.train import trainer
 CONFIG = "configs/shapes_stunet.py:smoke,channels=16"
 OVERRIDES = ["world.num_frames=8", "train.batch_size=8", "train.warmup_steps=0",
              "train.trainable=.*"]
-MESHES = {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (1, 8, 1)}
+MESHES = {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (1, 8, 1), "mixed": (2, 2, 2)}
 
 
 def _config(mesh, extra=()):
@@ -78,7 +78,7 @@ def reference():
     return one_step(_config(MESHES["single"]))
 
 
-@pytest.mark.parametrize("name", ["data", "fsdp"])
+@pytest.mark.parametrize("name", ["data", "fsdp", "mixed"])
 def test_one_step_on_a_mesh_equals_one_device(reference, name):
     """Same initial values, loss and updated parameters as on one device.
 

@@ -81,8 +81,8 @@ def test_only_temporal_parameters_train():
         families[family] = families.get(family, 0.0) + float(np.abs(g).sum())
     dead = sorted(f for f, total in families.items() if total == 0.0)
     assert not dead, f"temporal parameter families without gradient: {dead}"
-    assert {"blocks/conv1/kernel", "blocks/qkv/kernel", "down/kernel", "up/kernel"} <= set(
-        families)
+    assert {"blocks/conv1/kernel", "blocks/qkv/kernel", "blocks/film/kernel", "down/kernel",
+            "up/kernel"} <= set(families)
 
 
 def test_inflation_copies_the_image_model_exactly():

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lumiere_jax.parallel.sharding import partitioned
+from lumiere_jax.parallel.sharding import constrain_batch, partitioned
 
 Array = jax.Array
 
@@ -35,6 +35,14 @@ def frames_of(h: Array, b: int) -> int:
 def per_frame(v: Array, t: int) -> Array:
     """[b, ...] -> [b * t, ...]: repeat a per-video tensor for each of its t frames."""
     return v if t == 1 else jnp.repeat(v, t, axis=0)
+
+
+def modulate(h: Array, film: Array) -> Array:
+    """FiLM: h * (1 + scale) + shift, with [scale, shift] = film [b, 2C] per video and
+    h: [b * t, ..., C] (t frames folded into the batch)."""
+    scale, shift = jnp.split(per_frame(film, frames_of(h, film.shape[0])), 2, axis=-1)
+    expand = (slice(None),) + (None,) * (h.ndim - 2)
+    return h * (1 + scale[expand]) + shift[expand]
 
 
 class Dense(nnx.Module):
@@ -73,7 +81,7 @@ class Conv2d(nnx.Module):
             x.astype(self.dtype), self.kernel[...].astype(self.dtype),
             window_strides=(self.stride, self.stride), padding="SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + self.bias[...].astype(self.dtype)
+        return constrain_batch(y + self.bias[...].astype(self.dtype))
 
 
 class GroupNorm(nnx.Module):
@@ -98,6 +106,7 @@ class GroupNorm(nnx.Module):
         return per_group.reshape(b, 1, c)
 
     def __call__(self, x: Array) -> Array:
+        x = constrain_batch(x)  # whole groups per device (see constrain_batch)
         dtype = x.dtype
         v = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
         centred = v - self._group_mean(v)
@@ -151,10 +160,8 @@ class ResBlock(nnx.Module):
 
     def __call__(self, x: Array, emb: Array) -> Array:
         """x: [b * t, H, W, cin], emb: [b, D] -> [b * t, H, W, cout]."""
-        t = frames_of(x, emb.shape[0])
         h = self.conv1(jax.nn.silu(self.norm1(x)))
-        scale, shift = jnp.split(per_frame(self.film(jax.nn.silu(emb)), t), 2, axis=-1)
-        h = self.norm2(h) * (1 + scale[:, None, None]) + shift[:, None, None]
+        h = modulate(self.norm2(h), self.film(jax.nn.silu(emb)))
         h = self.conv2(jax.nn.silu(h))
         return (x if self.skip is None else self.skip(x)) + h
 

@@ -77,10 +77,17 @@ def _video(h: Array, b: int) -> Array:
 
 
 class TemporalConv(nnx.Module):
-    """Residual (3x1x1) convolution over frames: each pixel mixes with its neighbours in time."""
+    """Residual (3x1x1) convolution over frames: each pixel mixes with its neighbours in time.
 
-    def __init__(self, channels: int, groups: int, dtype, rngs: nnx.Rngs):
+    FiLM from the per-video embedding (noise level and pooled text) modulates its input: the
+    frozen spatial layers were trained on still images and carry nothing about motion, so the
+    caption's motion words reach the temporal layers this way.
+    """
+
+    def __init__(self, channels: int, groups: int, emb_dim: int, dtype, rngs: nnx.Rngs):
         self.norm1 = layers.GroupNorm(channels, groups, rngs=rngs)
+        self.film = layers.Dense(emb_dim, 2 * channels, ("embed", "conv_out"), dtype=dtype,
+                                 rngs=rngs)
         self.conv1 = layers.Dense(3 * channels, channels, ("conv_in", "conv_out"), dtype=dtype,
                                   rngs=rngs)
         self.norm2 = layers.GroupNorm(channels, groups, rngs=rngs)
@@ -96,8 +103,10 @@ class TemporalConv(nnx.Module):
         taps = jnp.concatenate([pad[:, :-2], v, pad[:, 2:]], axis=-1)
         return taps.reshape(*h.shape[:-1], 3 * h.shape[-1])
 
-    def __call__(self, h: Array, b: int) -> Array:
-        y = self.conv1(self._taps(jax.nn.silu(self.norm1(h)), b))
+    def __call__(self, h: Array, emb: Array) -> Array:
+        b = emb.shape[0]
+        y = layers.modulate(self.norm1(h), self.film(jax.nn.silu(emb)))
+        y = self.conv1(self._taps(jax.nn.silu(y), b))
         y = self.conv2(self._taps(jax.nn.silu(self.norm2(y)), b))
         return h + y.astype(h.dtype)
 
@@ -105,20 +114,23 @@ class TemporalConv(nnx.Module):
 class TemporalAttention(nnx.Module):
     """Self-attention along the frame axis for every pixel (space folded into the batch)."""
 
-    def __init__(self, channels: int, head_dim: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, head_dim: int, emb_dim: int, dtype, rngs: nnx.Rngs):
         self.heads = max(1, channels // head_dim)
         self.norm = layers.LayerNorm(channels, rngs=rngs)
+        self.film = layers.Dense(emb_dim, 2 * channels, ("embed", "heads"), dtype=dtype,
+                                 rngs=rngs)
         self.qkv = layers.Dense(channels, 3 * channels, ("embed", "heads"), dtype=dtype,
                                 rngs=rngs)
         self.out = layers.Dense(channels, channels, ("heads", "embed"), zero_init=True,
                                 dtype=dtype, rngs=rngs)
         self.channels = channels
 
-    def __call__(self, h: Array, b: int) -> Array:
-        v = _video(h, b)  # [b, t, HW, C]
-        _, t, hw, c = v.shape
-        x = self.norm(v) + layers.sinusoidal_embedding(jnp.arange(t), c)[None, :, None].astype(
-            v.dtype)
+    def __call__(self, h: Array, emb: Array) -> Array:
+        b = emb.shape[0]
+        x = layers.modulate(self.norm(h), self.film(jax.nn.silu(emb)))  # as in TemporalConv
+        x = _video(x, b)  # [b, t, HW, C]
+        _, t, hw, c = x.shape
+        x = x + layers.sinusoidal_embedding(jnp.arange(t), c)[None, :, None].astype(x.dtype)
         x = jnp.swapaxes(x, 1, 2).reshape(b * hw, t, c)  # [b*HW, t, C]
         q, k, val = jnp.split(self.qkv(x), 3, axis=-1)
         split = lambda a: a.reshape(b * hw, t, self.heads, c // self.heads)
@@ -177,9 +189,10 @@ class TemporalLayers(nnx.Module):
         self.blocks = nnx.Dict()
         for name, level, ch in block_names(ucfg):
             if level == coarsest and cfg.temporal_attention:
-                self.blocks[name] = TemporalAttention(ch, cfg.temporal_head_dim, dtype, rngs)
+                self.blocks[name] = TemporalAttention(ch, cfg.temporal_head_dim, ucfg.emb_dim,
+                                                      dtype, rngs)
             elif level < coarsest and cfg.temporal_conv:
-                self.blocks[name] = TemporalConv(ch, ucfg.groups, dtype, rngs)
+                self.blocks[name] = TemporalConv(ch, ucfg.groups, ucfg.emb_dim, dtype, rngs)
         self.down = nnx.Dict()
         self.up = nnx.Dict()
         for level in cfg.sampling_levels:
@@ -191,8 +204,8 @@ class TemporalLayers(nnx.Module):
                 ucfg.level_channels(level + 1), cfg.temporal_sampling_init, rngs)
 
     # The U-Net's Hooks protocol.
-    def after_block(self, name: str, h: Array, b: int) -> Array:
-        return self.blocks[name](h, b) if name in self.blocks else h
+    def after_block(self, name: str, h: Array, emb: Array) -> Array:
+        return self.blocks[name](h, emb) if name in self.blocks else h
 
     def downsample(self, name: str, h: Array, b: int) -> Array:
         return self.down[name](h, b) if name in self.down else h

@@ -88,11 +88,13 @@ class UNetConfig:
 class Hooks(Protocol):
     """Where the STUNet inserts temporal layers. `name` identifies the point, e.g. 'down_1_0'.
 
-    Each hook takes the activation `h: [b * t, H, W, C]` and the video batch size b, and
-    returns the new activation (whose frame count t may change at down/up-samples).
+    Each hook takes the activation `h: [b * t, H, W, C]` and returns the new activation (whose
+    frame count t may change at down/up-samples). `after_block` also gets the per-video
+    conditioning embedding `emb: [b, emb_dim]` (noise level and pooled text; b = videos), the
+    samplings only the video batch size b.
     """
 
-    def after_block(self, name: str, h: Array, b: int) -> Array: ...
+    def after_block(self, name: str, h: Array, emb: Array) -> Array: ...
 
     def downsample(self, name: str, h: Array, b: int) -> Array: ...
 
@@ -196,13 +198,13 @@ class UNet(nnx.Module):
         if x.shape[1] % 2 ** (n - 1) or x.shape[2] % 2 ** (n - 1):
             raise ValueError(f"image size {x.shape[1:3]} must be divisible by {2 ** (n - 1)} "
                              f"for {n} U-Net levels")
-        after = (lambda name, h: hooks.after_block(name, h, b)) if hooks else (lambda _, h: h)
         emb = self.embed(logsnr, text, text_mask)
         if extra_emb is not None:
             if extra_emb.shape != emb.shape:
                 raise ValueError(f"extra_emb has shape {extra_emb.shape}; it is added to the "
                                  f"embedding and must have shape {emb.shape} [b, emb_dim]")
             emb = emb + extra_emb.astype(emb.dtype)
+        after = (lambda name, h: hooks.after_block(name, h, emb)) if hooks else (lambda _, h: h)
 
         h = self.conv_in(x)
         skips = [h]

@@ -60,7 +60,7 @@ from lumiere_jax.parallel.mesh import (
     replicated,
     to_shardings,
 )
-from lumiere_jax.parallel.sharding import Rules, logical_specs
+from lumiere_jax.parallel.sharding import DEFAULT_RULES, Rules, activation_sharding, logical_specs
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import make_tokenizer
 from lumiere_jax.train.checkpoint import (
@@ -146,13 +146,14 @@ def microbatches(x: jax.Array, k: int) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     diffusion: Diffusion, train: ConfigDict, null_tokens: dict[str, jax.Array],
-                    *, shardings: tuple | None = None):
+                    *, shardings: tuple | None = None, rules: Rules = DEFAULT_RULES):
     """(state, frozen, batch, rng) -> (state, metrics): one optimizer step on one batch.
 
     With train.grad_accum = k > 1 the batch is split into k microbatches whose gradients are
     averaged (microbatch i uses the step's RNG folded with i) before one update.
     `shardings` = (state, frozen, batch, replicated) shardings: the jitted step then takes and
-    returns exactly those, and donates the state.
+    returns exactly those, and donates the state; the model's activations are then pinned to
+    the batch sharding of `rules` (parallel.sharding.constrain_batch says why).
     """
     loss_fn = make_loss_fn(graphdef, diffusion, train, null_tokens)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -175,7 +176,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def train_step(state: TrainState, frozen: nnx.State, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)  # per-step RNG from the step: exact resume
-        loss, grads = loss_and_grads(state.params, frozen, batch, rng)
+        if shardings is None:
+            loss, grads = loss_and_grads(state.params, frozen, batch, rng)
+        else:
+            with activation_sharding(shardings[-1].mesh, rules):
+                loss, grads = loss_and_grads(state.params, frozen, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, train.ema_decay)
@@ -348,7 +353,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     repl = replicated(mesh)
     batch_sh = jax.sharding.NamedSharding(mesh, batch_spec(mesh, rules))
     step_fn = make_train_step(graphdef, tx, diffusion, train_cfg, null_tokens, shardings=(
-        shardings_of(state), shardings_of(frozen), batch_sh, repl))
+        shardings_of(state), shardings_of(frozen), batch_sh, repl), rules=rules)
     rng = jax.random.wrap_key_data(host_replicated(
         np.asarray(jax.random.key_data(jax.random.key(config.seed))), mesh))
     writer = MetricsWriter(workdir, is_primary=primary)
