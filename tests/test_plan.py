@@ -66,14 +66,16 @@ def test_small_stunet_counts_equal_hand_count():
     config = _small_stunet_config()
     report = plan_lib.plan(config, dict(data=1), device_memory_gib=80, compile=False)
     groups = report["params"]["groups"]
-    c0, c1 = 8, 16  # level widths
-    # Temporal conv after the 3 level-0 blocks (down_0_0, up_0_0, up_0_1): two GroupNorms and
-    # two 3-tap Dense layers; attention after the 5 coarsest blocks (down_1_0, mid_0, mid_1,
-    # up_1_0, up_1_1): LayerNorm, qkv, out; one temporal down- (level 0) and up-sample.
-    conv = 2 * 2 * c0 + 2 * (3 * c0 * c0 + c0)
-    attention = 2 * c1 + (c1 * 3 * c1 + 3 * c1) + (c1 * c1 + c1)
+    c0, c1, emb = 8, 16, 32  # level widths; the embedding is 4 x channels
+    # Temporal conv after the 3 level-0 blocks (down_0_0, up_0_0, up_0_1): two GroupNorms,
+    # two 3-tap Dense layers and the FiLM Dense (emb -> 2C); attention after the 5 coarsest
+    # blocks (down_1_0, mid_0, mid_1, up_1_0, up_1_1): LayerNorm, FiLM, qkv, out; one temporal
+    # down- (level 0) and up-sample.
+    film = lambda c: emb * 2 * c + 2 * c  # noqa: E731
+    conv = 2 * 2 * c0 + 2 * (3 * c0 * c0 + c0) + film(c0)
+    attention = 2 * c1 + film(c1) + (c1 * 3 * c1 + 3 * c1) + (c1 * c1 + c1)
     sampling = 2 * c0 * c0 + 2 * c1 * c1
-    assert groups["net/temporal"]["total"] == 3 * conv + 5 * attention + sampling == 7536
+    assert groups["net/temporal"]["total"] == 3 * conv + 5 * attention + sampling == 14400
     assert groups["text_encoder"]["total"] == t5.count_params(t5.get_preset("tiny"))
     # The abstract counts equal those of the materialised model.
     concrete = build_denoiser(config, nnx.Rngs(0))
