@@ -3,7 +3,10 @@
   lumiere train  --config configs/shapes_t2i.py --workdir runs/t2i [--config.train.steps=100]
                  [--coordinator_address host:port --num_processes N --process_id I]
   lumiere sample --workdir runs/t2i --prompts "a red circle moving left" --seeds 0,1
+  lumiere sample --pipeline configs/pipeline_shapes.py --out pipeline_out   # base + SSR
   lumiere eval   --workdir runs/t2i
+  lumiere app i2v|inpaint|outpaint|cinemagraph|sdedit --workdir runs/stunet --prompts TEXT
+                 [--image F] [--video F] [--box x0,y0,x1,y1 | --mask F] [--strength 0.5]
   lumiere export --workdir runs/t2i --out checkpoints/shapes_t2i
   lumiere demo   --workdir demo_out
   lumiere plan   --config configs/lumiere_base.py --mesh data=8,fsdp=8,tensor=1 --device_memory_gib 95
@@ -33,11 +36,21 @@ _PROMPTS = flags.DEFINE_multi_string("prompts", None, "Prompts to sample (repeat
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; every prompt is sampled with every seed.")
 _GUIDANCE = flags.DEFINE_list("guidance", None, "Classifier-free guidance scales (default: the "
                               "config's sample.guidance); every combination is sampled.")
+_PIPELINE = flags.DEFINE_string(
+    "pipeline", None, "sample: a pipeline config FILE.py[:ARG] (base STUNet + SSR with "
+    "MultiDiffusion); --config.KEY=VALUE overrides apply to it.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _PER_FRAME = flags.DEFINE_bool(
     "per_frame", False, "eval: score the per-frame baseline instead (the run's init_from image "
     "model on every frame independently, same prompts, seeds and noise).")
+_IMAGE = flags.DEFINE_string("image", None, "app i2v/cinemagraph: the input image file.")
+_VIDEO = flags.DEFINE_string("video", None, "app inpaint/outpaint/sdedit: the input video file.")
+_BOX = flags.DEFINE_string("box", None, "app inpaint/cinemagraph: the region x0,y0,x1,y1 "
+                           "(pixels, or fractions of the frame).")
+_MASK = flags.DEFINE_string("mask", None, "app inpaint/cinemagraph: the region as a mask image "
+                            "(white = region).")
+_STRENGTH = flags.DEFINE_float("strength", 0.5, "app sdedit: how much to change, in [0, 1].")
 _NUM = flags.DEFINE_integer("num", 8, "How many items (data synth).")
 _SPLIT = flags.DEFINE_string("split", "train", "Split of the built-in world (data synth).")
 _SRC = flags.DEFINE_string("src", None, "Source checkpoint (t5 convert).")
@@ -56,8 +69,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process `train`: how many.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process `train`: this one's id.")
 
+APPS = ("i2v", "inpaint", "outpaint", "cinemagraph", "sdedit")
 COMMANDS = ("train", "sample", "eval", "export", "demo", "plan", "data synth", "data import",
-            "t5 convert")
+            "t5 convert") + tuple(f"app {name}" for name in APPS)
 
 
 def _run_config():
@@ -104,6 +118,8 @@ def cmd_train():
 
 
 def cmd_sample():
+    if _PIPELINE.value:
+        return _sample_pipeline()
     from lumiere_jax.sampling import sample_to_files
     config = _run_config()
     guidance = ([float(g) for g in _GUIDANCE.value] if _GUIDANCE.value
@@ -114,6 +130,20 @@ def cmd_sample():
     print("\n".join(paths))
 
 
+def _sample_pipeline():
+    from lumiere_jax.pipeline import run_pipeline
+    if CONFIG.spec.value or _WORKDIR.value:
+        raise app.UsageError("--pipeline names the models itself: drop --config/--workdir "
+                             "(--config.KEY=VALUE overrides apply to the pipeline config)")
+    config = config_lib.config_from_flags(_PIPELINE.value, CONFIG.overrides.value)
+    seeds = [int(s) for s in _SEEDS.value] if flags.FLAGS["seeds"].present else None
+    summary = run_pipeline(config, _OUT.value or "pipeline_out",
+                           _prompts() if _PROMPTS.value else None, seeds)
+    for video in summary["videos"]:
+        print(video["files"][0])
+    print(f"summary: {_OUT.value or 'pipeline_out'}/summary.json")
+
+
 def cmd_eval():
     from lumiere_jax.sampling import evaluate, evaluate_per_frame
     config, workdir = _run_config(), _require(_WORKDIR, "eval")
@@ -122,6 +152,53 @@ def cmd_eval():
     else:
         report = evaluate(config, workdir, step=_STEP.value, out=_OUT.value)
     print(json.dumps(report["summary"], indent=1))
+
+
+def cmd_app(name: str):
+    """One application of a trained STUNet run or export; writes the videos like `sample`."""
+    from etils import epath
+
+    from lumiere_jax.apps import editing
+    from lumiere_jax.sampling import _slug, check_prompts, load_generator, write_sample
+    config, workdir = _run_config(), _require(_WORKDIR, f"app {name}")
+    prompts = _prompts()
+    if len(prompts) != 1:
+        raise app.UsageError(f"`lumiere app {name}` takes one prompt, got {len(prompts)}")
+    check_prompts(prompts)
+    prompt, seeds = prompts[0], [int(s) for s in _SEEDS.value]
+    guidance = float(_GUIDANCE.value[0]) if _GUIDANCE.value else config.sample.guidance
+    generator, _ = load_generator(config, workdir, _STEP.value)
+    t, h, w = generator.sample_shape[:3]
+
+    def region():
+        if bool(_BOX.value) == bool(_MASK.value):
+            raise app.UsageError(f"`lumiere app {name}` needs the region: --box or --mask")
+        return (editing.box_region(_BOX.value, h, w) if _BOX.value
+                else editing.read_region(_MASK.value, h, w))
+
+    def video():
+        from lumiere_jax.data.video_io import read_video
+        if name == "outpaint":  # any smaller size: the canvas is the model's
+            return read_video(_require(_VIDEO, f"app {name}"))[0][:t]
+        return editing.read_clip(_require(_VIDEO, f"app {name}"), t, h, w)
+
+    if name == "i2v":
+        image = editing.read_image(_require(_IMAGE, "app i2v"), h, w)
+        videos = editing.image_to_video(generator, image, prompt, seeds, guidance)
+    elif name == "inpaint":
+        videos = editing.inpaint(generator, video(), region(), prompt, seeds, guidance)
+    elif name == "outpaint":
+        videos = editing.outpaint(generator, video(), prompt, seeds, guidance)
+    elif name == "cinemagraph":
+        image = editing.read_image(_require(_IMAGE, "app cinemagraph"), h, w)
+        videos = editing.cinemagraph(generator, image, region(), prompt, seeds, guidance)
+    else:
+        videos = editing.sdedit(generator, video(), prompt, _STRENGTH.value, seeds, guidance)
+    out = epath.Path(_OUT.value or f"{workdir}/apps/{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    for seed, result in zip(seeds, videos):
+        print("\n".join(write_sample(out / f"{_slug(prompt)}_seed{seed}", result,
+                                      config.world.fps)))
 
 
 def cmd_export():
@@ -195,13 +272,19 @@ def main(argv):
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
                 "export": cmd_export, "demo": cmd_demo, "plan": cmd_plan,
                 "data synth": cmd_data_synth, "data import": cmd_data_import,
-                "t5 convert": cmd_t5_convert}
+                "t5 convert": cmd_t5_convert,
+                **{f"app {name}": (lambda name=name: cmd_app(name)) for name in APPS}}
     if command not in handlers:
         raise app.UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     try:
         handlers[command]()
     except config_lib.ConfigError as e:
         raise app.UsageError(str(e)) from None
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Bad input (a prompt, a path, a setting): the message says what and where; a
+        # traceback would bury it.
+        print(f"lumiere {command}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run():

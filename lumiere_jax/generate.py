@@ -4,6 +4,12 @@ The text is encoded once per prompt, outside the denoising loop, and the conditi
 unconditional predictions share one batched network call per step. Each sample's starting
 noise comes from its own seed, so with DDIM (eta 0) a (prompt, seed) pair gives the same output
 whatever else is in the batch; DDPM's per-step noise is drawn per batch.
+
+Videos can be sampled window by window with MultiDiffusion (`window` < frames): the denoiser
+then sees `window` frames at a time and the overlapping windows are reconciled at every step.
+The SSR stage is sampled this way, with the low-resolution video as per-frame conditioning:
+it is noised to the fixed augmentation level `aug_logsnr` (as in training) and cut into the
+same windows as the high-resolution sample.
 """
 
 from __future__ import annotations
@@ -15,11 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm import tqdm
 
+from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.guidance import classifier_free_guidance
-from lumiere_jax.diffusion.samplers import sample
+from lumiere_jax.diffusion.losses import broadcast_null_condition
+from lumiere_jax.diffusion.multidiffusion import multidiffusion
+from lumiere_jax.diffusion.samplers import replace_known, sample
 from lumiere_jax.diffusion.schedules import Diffusion
+from lumiere_jax.diffusion.ssr import augment_condition
 from lumiere_jax.models.denoiser import Denoiser
+from lumiere_jax.models.ssr import SSR
 from lumiere_jax.parallel.mesh import host_replicated, local_value, replicated
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import Tokenizer
@@ -35,7 +47,12 @@ class Generator:
 
     def __init__(self, model: Denoiser, diffusion: Diffusion, tokenizer: Tokenizer,
                  max_length: int, sample_shape: Sequence[int], *, sampler: str = "ddim",
-                 steps: int = 25, batch_size: int = 32, mesh: Mesh | None = None):
+                 steps: int = 25, batch_size: int = 32, mesh: Mesh | None = None,
+                 window: int = 0, overlap: int = 2, window_weights: str = "uniform",
+                 aug_logsnr: float = float("inf")):
+        """window: MultiDiffusion window in frames (0: the whole clip); overlap and
+        window_weights as in diffusion.multidiffusion. aug_logsnr: the SSR's conditioning
+        augmentation level at sampling time (+inf: the low-res video is used as it is)."""
         if steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {steps}")
         self.graphdef, self.state = nnx.split(model)
@@ -43,19 +60,52 @@ class Generator:
         self.max_length = max_length
         self.sample_shape = tuple(sample_shape)
         self.batch_size = batch_size
+        self.scale = model.net.cfg.scale if isinstance(model.net, SSR) else None
+        frames = self.sample_shape[0] if len(self.sample_shape) == 4 else 1
+        window = window or frames
+        if len(self.sample_shape) == 3 and window != 1:
+            raise ValueError(f"MultiDiffusion windows are for videos; sample_shape "
+                             f"{self.sample_shape} is an image (use window=0)")
+        overlap = overlap if window < frames else 0  # one window: nothing overlaps
+        multidiffusion(lambda z, s: z, frames, window, overlap, window_weights)  # checks now
         null = tokenizer.encode_batch([NULL_PROMPT], max_length)
         self.null_tokens = (jnp.asarray(null.ids), jnp.asarray(null.mask))
 
-        def run(state, ids, mask, null_ids, null_mask, z_init, rng, scale):
+        def run(state, ids, mask, null_ids, null_mask, z_init, rng, scale, low_res, edit,
+                start_t):
             model: Denoiser = nnx.merge(self.graphdef, state)
             cond = model.encode_text(ids, mask)
-            null_cond = model.encode_text(null_ids, null_mask)
-            fn = classifier_free_guidance(model, cond, null_cond, scale)
-            # The sampler applies the config's thresholding (diffusion.thresholding) itself.
-            return sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init)
+            null_cond = broadcast_null_condition(model.encode_text(null_ids, null_mask), cond)
+            aug = jnp.full((z_init.shape[0],), aug_logsnr, jnp.float32)
+
+            def guided(z, logsnr, low_res_window=None):
+                c, n = cond, null_cond
+                if low_res_window is not None:  # the SSR's low-res window and its level
+                    extra = {"low_res": low_res_window, "aug_logsnr": aug}
+                    c, n = {**c, **extra}, {**n, **extra}
+                # The sampler applies the config's thresholding (diffusion.thresholding).
+                return classifier_free_guidance(model, c, n, scale)(z, logsnr)
+
+            if low_res is not None:
+                aug_rng, rng = jax.random.split(rng)
+                low_res = augment_condition(low_res, aug, aug_rng)
+            fn = guided
+            if z_init.ndim == 5:
+                fn = multidiffusion(guided, frames, window, overlap, window_weights,
+                                    frame_cond=low_res)
+            edit = edit or {}
+            if "init" in edit and start_t < 1.0:  # SDEdit: the input noised to start_t
+                alpha, sigma = schedules.alpha_sigma(
+                    schedules.per_example(diffusion.logsnr(start_t), z_init))
+                z_init = alpha * edit["init"] + sigma * z_init
+            z_transform = (replace_known(edit["known"], edit["known_mask"])
+                           if "known" in edit else None)
+            return sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init,
+                          start_t=start_t, z_transform=z_transform)
 
         self.mesh = mesh
-        self._run = jax.jit(run) if mesh is None else jax.jit(run, out_shardings=replicated(mesh))
+        out = {} if mesh is None else {"out_shardings": replicated(mesh)}
+        self._run = jax.jit(run, static_argnames="start_t", **out)
 
     def with_params(self, *states: nnx.State) -> "Generator":
         """Use these parameter states (e.g. the EMA and the frozen weights) from now on."""
@@ -64,9 +114,29 @@ class Generator:
         return self
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int],
-                 guidance: float | Sequence[float] = 3.0) -> np.ndarray:
-        """uint8 samples [n, *sample_shape] for n prompts with one seed (and scale) each."""
+                 guidance: float | Sequence[float] = 3.0,
+                 low_res: np.ndarray | None = None, progress: str | None = None, *,
+                 known: np.ndarray | None = None, known_mask: np.ndarray | None = None,
+                 init: np.ndarray | None = None, strength: float = 1.0) -> np.ndarray:
+        """uint8 samples [n, *sample_shape] for n prompts with one seed (and scale) each.
+
+        low_res: for an SSR model, the low-resolution videos to upsample, [n, t, H/scale,
+        W/scale, 3], uint8 pixels or floats in [-1, 1] (e.g. the base model's samples).
+        progress: a label for a progress bar over the samples (None: no bar).
+        known, known_mask: training-free conditioning on known pixels (image-to-video,
+          inpainting, cinemagraphs): known [n, *sample_shape] (uint8 or [-1, 1] floats) and
+          known_mask [n, *sample_shape[:-1], 1] (1 = keep the known pixel, 0 = generate). At
+          every step the known region is replaced by the known pixels noised to that step's
+          level, so the sample equals `known` exactly where known_mask is 1.
+        init, strength: SDEdit. init [n, *sample_shape] is noised (with each seed's noise) to
+          diffusion time `strength` in [0, 1] and denoised from there with the prompt:
+          strength 0 returns init, strength 1 is plain sampling from the seed.
+        """
         prompts = list(prompts)
+        low_res = self._check_low_res(low_res, len(prompts))
+        edit = self._check_edit(len(prompts), known, known_mask, init, strength)
+        if init is not None and strength == 0.0:
+            return to_uint8(edit["init"])
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed "
                              "per prompt")
@@ -75,18 +145,76 @@ class Generator:
             raise ValueError(f"guidance scales must be >= 0 (1 = no guidance), got {guidance}")
         tokens = self.tokenizer.encode_batch(prompts, self.max_length)
         out = []
+        bar = tqdm(total=len(prompts), desc=progress, unit="sample", disable=progress is None)
         for i in range(0, len(prompts), self.batch_size):
             sl = slice(i, i + self.batch_size)
             z = jnp.stack([jax.random.normal(jax.random.key(int(s)), self.sample_shape)
                            for s in seeds[sl]])
             rng = jax.random.key_data(jax.random.key(int(seeds[sl][0]) + 7919 * i))
-            inputs = (tokens.ids[sl], tokens.mask[sl], *self.null_tokens, z, rng, scales[sl])
+            inputs = (tokens.ids[sl], tokens.mask[sl], *self.null_tokens, z, rng, scales[sl],
+                      None if low_res is None else low_res[sl],
+                      {k: v[sl] for k, v in edit.items()} or None)
             inputs = (jax.tree.map(jnp.asarray, inputs) if self.mesh is None
                       else host_replicated(jax.device_get(inputs), self.mesh))
-            *inputs, rng, scale = inputs
-            x = self._run(self.state, *inputs, jax.random.wrap_key_data(rng), scale)
+            *inputs, rng, scale, low, batch_edit = inputs
+            x = self._run(self.state, *inputs, jax.random.wrap_key_data(rng), scale, low,
+                          batch_edit, start_t=float(strength) if init is not None else 1.0)
             out.append(to_uint8(local_value(x)))
+            bar.update(len(out[-1]))
+        bar.close()
         return np.concatenate(out)
+
+    def _check_edit(self, n: int, known, known_mask, init, strength: float
+                    ) -> dict[str, np.ndarray]:
+        """The editing inputs as float32 arrays, after checking their shapes and values."""
+        edit = {}
+        shape = (n, *self.sample_shape)
+        if (known is None) != (known_mask is None):
+            raise ValueError("known and known_mask go together: give both (the pixels to keep "
+                             "and where they are) or neither")
+        if known is not None:
+            edit["known"] = _pixels(known, shape, "known")
+            mask = np.asarray(known_mask, np.float32)
+            if mask.shape != shape[:-1] + (1,):
+                raise ValueError(f"known_mask must have shape {shape[:-1] + (1,)} (1 = keep, "
+                                 f"0 = generate), got {mask.shape}")
+            if mask.min() < 0 or mask.max() > 1:
+                raise ValueError(f"known_mask values must lie in [0, 1], got [{mask.min()}, "
+                                 f"{mask.max()}]")
+            edit["known_mask"] = mask
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"strength is a diffusion time in [0, 1] (0 keeps the input, 1 "
+                             f"ignores it), got {strength}")
+        if init is not None:
+            edit["init"] = _pixels(init, shape, "init")
+        return edit
+
+    def _check_low_res(self, low_res: np.ndarray | None, n: int) -> np.ndarray | None:
+        """The SSR's low-res input as float32 in [-1, 1], after checking it fits the model."""
+        if self.scale is None:
+            if low_res is not None:
+                raise ValueError("low_res is the input of an SSR model; this generator samples "
+                                 "a text-to-image/video model, which takes prompts only")
+            return None
+        t, hh, ww, c = self.sample_shape
+        want = (n, t, hh // self.scale, ww // self.scale, c)
+        if low_res is None or tuple(np.shape(low_res)) != want:
+            got = None if low_res is None else tuple(np.shape(low_res))
+            raise ValueError(
+                f"the SSR upsamples low-resolution videos by {self.scale}x: low_res must have "
+                f"shape {want} (one per prompt, [n, frames, h, w, 3]), got {got}")
+        low_res = np.asarray(low_res)
+        if low_res.dtype == np.uint8:
+            return low_res.astype(np.float32) / 127.5 - 1.0
+        return low_res.astype(np.float32)
+
+
+def _pixels(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """uint8 pixels or [-1, 1] floats of the given shape -> float32 in [-1, 1]."""
+    x = np.asarray(x)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape} ([n, *sample_shape]), got {x.shape}")
+    return x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
 def to_uint8(x: jax.Array) -> np.ndarray:

@@ -139,6 +139,13 @@ def sinusoidal_embedding(x: Array, dim: int, max_period: float = 10_000.0) -> Ar
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
+def logsnr_features(logsnr: Array, dim: int) -> Array:
+    """Sinusoidal features [b, dim] of a log-SNR [b]: clipped to [-20, 20] and mapped to
+    [0, 1000], the range sinusoidal timestep features are made for, so every frequency varies
+    monotonically enough to tell noise levels apart (+inf, no noise, maps to +20)."""
+    return sinusoidal_embedding((jnp.clip(logsnr, -20.0, 20.0) + 20.0) * 25.0, dim)
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
     """Multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D], mask: [B, Lk] bool."""
     bias_mask = None if mask is None else mask[:, None, None, :]

@@ -75,13 +75,6 @@ class SSRConfig:
         return self.stunet.unet
 
 
-def aug_level_features(aug_logsnr: Array, dim: int) -> Array:
-    """Sinusoidal features [b, dim] of the augmentation log-SNR [b], mapped to [0, 1000] the
-    same way UNet.embed maps the diffusion log-SNR (so +inf, no augmentation, is +20)."""
-    level = (jnp.clip(aug_logsnr, -20.0, 20.0) + 20.0) * 25.0
-    return layers.sinusoidal_embedding(level, dim)
-
-
 def upsample_video(low_res: Array, size: tuple[int, int]) -> Array:
     """[..., h, w, c] -> [..., *size, c] by bilinear interpolation (no parameters).
 
@@ -113,7 +106,7 @@ class SSR(nnx.Module):
 
     def embed_aug(self, aug_logsnr: Array) -> Array:
         """[b] -> [b, emb_dim], added to the U-Net's per-example embedding."""
-        h = aug_level_features(aug_logsnr, self.cfg.unet.channels)
+        h = layers.logsnr_features(aug_logsnr, self.cfg.unet.channels)
         return self.aug_mlp2(jax.nn.silu(self.aug_mlp1(h)))
 
     def _check(self, x: Array, logsnr: Array, low_res: Array, aug_logsnr: Array) -> None:

@@ -167,10 +167,7 @@ class UNet(nnx.Module):
 
     def embed(self, logsnr: Array, text: Array, text_mask: Array) -> Array:
         """Per-example conditioning vector [b, emb_dim] from the noise level and pooled text."""
-        # log-SNR in [-20, 20] -> [0, 1000], the range sinusoidal timestep features are made
-        # for: every frequency then varies monotonically enough to tell noise levels apart.
-        level = (jnp.clip(logsnr, -20.0, 20.0) + 20.0) * 25.0
-        h = layers.sinusoidal_embedding(level, self.cfg.channels)
+        h = layers.logsnr_features(logsnr, self.cfg.channels)
         h = self.time_mlp2(jax.nn.silu(self.time_mlp1(h)))
         m = text_mask.astype(text.dtype)[..., None]
         pooled = (text * m).sum(1) / jnp.maximum(m.sum(1), 1.0)

@@ -43,8 +43,10 @@ from lumiere_jax.data.pipeline import global_batch, training_dataset, world_from
 from lumiere_jax.data.synthetic import ShapesSource
 from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
 from lumiere_jax.diffusion.schedules import Diffusion
+from lumiere_jax.diffusion.ssr import downsample_video, ssr_loss
 from lumiere_jax.generate import Generator
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser, denoiser_builder
+from lumiere_jax.models.ssr import SSR
 from lumiere_jax.parallel.mesh import (
     MeshError,
     batch_spec,
@@ -122,7 +124,12 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 
 def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict,
                  null_tokens: dict[str, jax.Array]):
-    """(params, frozen, batch, rng) -> (loss, aux): the denoising loss with caption dropout."""
+    """(params, frozen, batch, rng) -> (loss, aux): the denoising loss with caption dropout.
+
+    For an SSR model, the SSR loss: its low-res condition is made from the batch's clips
+    (downsampled, then noise-augmented at levels drawn from train.aug_range).
+    """
+    aug_range = tuple(train.get("aug_range", (0.0, 0.5)))
 
     def loss_fn(params, frozen, batch, rng):
         model: Denoiser = nnx.merge(graphdef, params, frozen)
@@ -130,6 +137,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
         tokens = drop_condition({"ids": batch["ids"], "mask": batch["mask"]}, null_tokens,
                                 drop_rng, train.cond_drop)
         cond = model.encode_text(tokens["ids"], tokens["mask"])
+        if isinstance(model.net, SSR):
+            return ssr_loss(model, batch["pixels"], cond, loss_rng, diffusion,
+                            scale=model.net.cfg.scale, aug_range=aug_range)
         return diffusion_loss(model, batch["pixels"], cond, loss_rng, diffusion)
 
     return loss_fn
@@ -444,28 +454,48 @@ def state_checksum(state: TrainState, frozen: nnx.State) -> str:
 
 def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
                    tokenizer, mesh: jax.sharding.Mesh | None = None) -> Generator:
-    """A sampler for `model` with the run's sampling settings (config.sample)."""
+    """A sampler for `model` with the run's sampling settings (config.sample): sampler,
+    steps, batch, and for videos the MultiDiffusion window (sample.window, 0: whole clip),
+    overlap and window_weights; for the SSR the augmentation time of its low-res input
+    (sample.aug_time in [0, 1], mapped through the diffusion schedule; 0: clean)."""
     world = world_from_config(config)
     shape = (world.height, world.width, 3)
     if config.model.kind != "unet":
         shape = (world.num_frames,) + shape
+    sample = config.sample
+    aug_time = float(sample.get("aug_time", 0.0))
+    if not 0.0 <= aug_time <= 1.0:
+        raise ValueError(f"sample.aug_time is a diffusion time in [0, 1], got {aug_time}")
+    aug_logsnr = float(diffusion.logsnr(aug_time)) if aug_time > 0 else math.inf
     return Generator(model, diffusion, tokenizer, config.text.max_length, shape,
-                     sampler=config.sample.sampler, steps=config.sample.steps,
-                     batch_size=config.sample.batch_size, mesh=mesh)
+                     sampler=sample.sampler, steps=sample.steps, batch_size=sample.batch_size,
+                     mesh=mesh, window=sample.get("window", 0), overlap=sample.get("overlap", 2),
+                     window_weights=sample.get("window_weights", "uniform"),
+                     aug_logsnr=aug_logsnr)
 
 
-def preview_prompts(config: ConfigDict, n: int) -> list[str]:
-    """Captions of the first clips of the seen-combination test split and the held-out split."""
+def preview_examples(config: ConfigDict, n: int) -> list[dict[str, Any]]:
+    """The first clips of the seen-combination test split and of the held-out split."""
     world = world_from_config(config)
     half = (n + 1) // 2
     test, heldout = ShapesSource(world, "test", half), ShapesSource(world, "heldout", n - half)
-    return [test[i]["caption"] for i in range(half)] + [heldout[i]["caption"]
-                                                        for i in range(n - half)]
+    return [test[i] for i in range(half)] + [heldout[i] for i in range(n - half)]
+
+
+def low_res_of(videos: np.ndarray, scale: int) -> np.ndarray:
+    """uint8 videos [n, t, H, W, 3] -> the SSR's low-res input, floats in [-1, 1]."""
+    return np.asarray(downsample_video(videos.astype(np.float32) / 127.5 - 1.0, scale))
 
 
 def preview(generator: Generator, config: ConfigDict, n: int = 16) -> np.ndarray:
-    """Samples of preview_prompts as images [n, h, w, 3] (videos: their middle frames)."""
-    samples = generator(preview_prompts(config, n), list(range(n)), config.sample.guidance)
+    """Samples of the preview captions as images [n, h, w, 3] (videos: their middle frames).
+    An SSR upsamples the downsampled ground-truth clips of those captions."""
+    examples = preview_examples(config, n)
+    low_res = None
+    if generator.scale:
+        low_res = low_res_of(np.stack([e["video"] for e in examples]), generator.scale)
+    samples = generator([e["caption"] for e in examples], list(range(n)),
+                        config.sample.guidance, low_res=low_res)
     return samples if samples.ndim == 4 else samples[:, samples.shape[1] // 2]
 
 

@@ -1,0 +1,184 @@
+"""Lumiere's applications of one trained text-to-video model, training-free.
+
+All of them condition the sampler of an unchanged base model (a `Generator` of a STUNet):
+
+- image-to-video: the first frame is given, the rest follows the prompt;
+- inpainting: a region of a video is regenerated, everything else kept;
+- outpainting: a smaller video is placed on the model's canvas and the border generated;
+- cinemagraph: an image where only a region moves, as the prompt says;
+- SDEdit: a video noised to a strength in [0, 1], then denoised with a new prompt.
+
+The first four replace the known pixels, noised to each step's level, at every sampling step
+(diffusion.samplers.replace_known), so the result equals the input exactly where it is known.
+SDEdit starts the sampler part-way (diffusion time = strength) from the noised input.
+
+Inputs are uint8 pixels; image and video files are read and fitted to the model's frame size
+(cover and centre-crop, with a warning when that changes the size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image, UnidentifiedImageError
+
+from lumiere_jax.data import video_io
+from lumiere_jax.data.importer import resize_and_crop
+from lumiere_jax.generate import Generator
+
+
+def _video_shape(generator: Generator) -> tuple[int, int, int]:
+    if len(generator.sample_shape) != 4 or generator.scale is not None:
+        raise ValueError(f"the applications need a text-to-video base model (a STUNet); this "
+                         f"generator samples shape {generator.sample_shape}"
+                         f"{' (an SSR)' if generator.scale else ''}")
+    return generator.sample_shape[:3]
+
+
+def fit_frame(frame: np.ndarray, height: int, width: int, what: str) -> np.ndarray:
+    """An RGB uint8 frame at exactly height x width (covered and centre-cropped if needed)."""
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[-1] != 3:
+        raise ValueError(f"{what}: expected RGB uint8 pixels [h, w, 3], got {frame.dtype} "
+                         f"{frame.shape}")
+    if frame.shape[:2] != (height, width):
+        logging.warning("%s is %dx%d; resized and centre-cropped to the model's %dx%d", what,
+                        frame.shape[0], frame.shape[1], height, width)
+        frame = resize_and_crop(frame, height, width)
+    return frame
+
+
+def read_image(path: str, height: int, width: int) -> np.ndarray:
+    """An image file as uint8 [height, width, 3]; unreadable files are a clear error."""
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no image file at {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image (PNG, JPEG, ...): {e}") from None
+    return fit_frame(pixels, height, width, f"image {path}")
+
+
+def read_clip(path: str, frames: int, height: int, width: int) -> np.ndarray:
+    """A video file as uint8 [frames, height, width, 3]: its first `frames` frames."""
+    video, _ = video_io.read_video(path)
+    if len(video) < frames:
+        raise ValueError(f"video {path} has {len(video)} frames; the model makes {frames}, so "
+                         f"give a video of at least {frames} frames")
+    return np.stack([fit_frame(f, height, width, f"video {path}") for f in video[:frames]])
+
+
+def read_region(path: str, height: int, width: int) -> np.ndarray:
+    """A mask image as float [height, width, 1]: 1 where it is bright (> 50%), else 0."""
+    gray = read_image(path, height, width).mean(-1, keepdims=True)
+    return (gray > 127.5).astype(np.float32)
+
+
+def box_region(spec: str, height: int, width: int) -> np.ndarray:
+    """'x0,y0,x1,y1' (pixels, or fractions of the frame if all are <= 1 and one is not an
+    integer) -> float mask [height, width, 1], 1 inside the box [x0, x1) x [y0, y1)."""
+    try:
+        values = [float(v) for v in spec.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"box {spec!r}: write x0,y0,x1,y1 in pixels (e.g. 8,8,24,24) or as "
+                         f"fractions of the frame (e.g. 0.25,0.25,0.75,0.75)")
+    if all(0 <= v <= 1 for v in values) and any(v != int(v) for v in values):
+        values = [v * s for v, s in zip(values, (width, height, width, height))]
+    x0, y0, x1, y1 = (int(round(v)) for v in values)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box {spec!r} = x {x0}..{x1}, y {y0}..{y1} is empty or outside the "
+                         f"{width}x{height} frame")
+    region = np.zeros((height, width, 1), np.float32)
+    region[y0:y1, x0:x1] = 1.0
+    return region
+
+
+def _check_region(region: np.ndarray, height: int, width: int) -> np.ndarray:
+    region = np.asarray(region, np.float32)
+    if region.shape == (height, width):
+        region = region[..., None]
+    if region.shape != (height, width, 1) or region.min() < 0 or region.max() > 1:
+        raise ValueError(f"a region is a mask [{height}, {width}(, 1)] with values in [0, 1], "
+                         f"got shape {region.shape}")
+    if not region.any():
+        raise ValueError("the region is empty: nothing would be generated")
+    return region
+
+
+def _sample_known(generator: Generator, prompt: str, seeds: Sequence[int], guidance: float,
+                  known: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    n = len(seeds)
+    return generator([prompt] * n, list(seeds), guidance,
+                     known=np.broadcast_to(known, (n, *known.shape)),
+                     known_mask=np.broadcast_to(keep, (n, *known.shape[:-1], 1)))
+
+
+def image_to_video(generator: Generator, image: np.ndarray, prompt: str, seeds: Sequence[int],
+                   guidance: float = 3.0) -> np.ndarray:
+    """Videos [n, t, h, w, 3] whose frame 0 is `image` (uint8 [h, w, 3]) exactly."""
+    t, h, w = _video_shape(generator)
+    known = np.zeros((t, h, w, 3), np.uint8)
+    known[0] = fit_frame(image, h, w, "image")
+    keep = np.zeros((t, h, w, 1), np.float32)
+    keep[0] = 1.0
+    return _sample_known(generator, prompt, seeds, guidance, known, keep)
+
+
+def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt: str,
+            seeds: Sequence[int], guidance: float = 3.0) -> np.ndarray:
+    """`video` (uint8 [t, h, w, 3]) with `region` regenerated: region [h, w(, 1)] for every
+    frame or [t, h, w, 1] per frame, 1 = generate. Elsewhere the output equals the input."""
+    t, h, w = _video_shape(generator)
+    if np.shape(video) != (t, h, w, 3):
+        raise ValueError(f"inpaint: the video must have the model's shape {(t, h, w, 3)}, got "
+                         f"{np.shape(video)} (read files with read_clip)")
+    region = (_check_region(region, h, w) if np.ndim(region) <= 3
+              else np.asarray(region, np.float32))
+    keep = np.broadcast_to(1.0 - region, (t, h, w, 1))
+    return _sample_known(generator, prompt, seeds, guidance, np.asarray(video), keep)
+
+
+def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequence[int],
+             guidance: float = 3.0) -> np.ndarray:
+    """A smaller video (uint8 [t, h', w', 3]) centred on the model's canvas, the border
+    generated; the centre equals the input."""
+    t, h, w = _video_shape(generator)
+    vt, vh, vw = np.shape(video)[:3]
+    if vt != t or vh > h or vw > w or (vh, vw) == (h, w):
+        raise ValueError(f"outpaint: give {t} frames smaller than the {w}x{h} canvas, got "
+                         f"{np.shape(video)}")
+    top, left = (h - vh) // 2, (w - vw) // 2
+    known = np.zeros((t, h, w, 3), np.uint8)
+    known[:, top:top + vh, left:left + vw] = video
+    keep = np.zeros((t, h, w, 1), np.float32)
+    keep[:, top:top + vh, left:left + vw] = 1.0
+    return _sample_known(generator, prompt, seeds, guidance, known, keep)
+
+
+def cinemagraph(generator: Generator, image: np.ndarray, region: np.ndarray, prompt: str,
+                seeds: Sequence[int], guidance: float = 3.0) -> np.ndarray:
+    """Videos where every frame equals `image` outside `region` ([h, w(, 1)], 1 = animate)
+    and the region moves as the prompt says."""
+    t, h, w = _video_shape(generator)
+    image = fit_frame(image, h, w, "image")
+    keep = np.broadcast_to(1.0 - _check_region(region, h, w), (t, h, w, 1))
+    return _sample_known(generator, prompt, seeds, guidance, np.broadcast_to(image, (t, h, w, 3)),
+                         keep)
+
+
+def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float,
+           seeds: Sequence[int], guidance: float = 3.0) -> np.ndarray:
+    """`video` (uint8 [t, h, w, 3]) edited towards `prompt`: noised to diffusion time
+    `strength` (0: unchanged, 1: a new video from the seed) and denoised with the prompt."""
+    t, h, w = _video_shape(generator)
+    if np.shape(video) != (t, h, w, 3):
+        raise ValueError(f"sdedit: the video must have the model's shape {(t, h, w, 3)}, got "
+                         f"{np.shape(video)} (read files with read_clip)")
+    n = len(seeds)
+    return generator([prompt] * n, list(seeds), guidance, strength=strength,
+                     init=np.broadcast_to(np.asarray(video), (n, t, h, w, 3)))

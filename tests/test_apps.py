@@ -1,0 +1,136 @@
+"""The training-free applications on a small random STUNet: their exactness properties (known
+pixels kept bit for bit, still regions still, SDEdit's endpoints) and their bad-input errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lumiere_jax.apps import editing
+from lumiere_jax.config import load_config
+from lumiere_jax.data import video_io
+from lumiere_jax.models.denoiser import build_denoiser
+from lumiere_jax.sampling import load_generator
+from lumiere_jax.train.export import export_model
+
+T, H, W = 8, 16, 16
+PROMPT = "a small red circle moving left on a black background"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    config = load_config("configs/shapes_stunet.py:smoke", [
+        f"world.num_frames={T}", f"world.height={H}", f"world.width={W}",
+        "model.unet.channels=8", "model.unet.channel_mult=(1, 2)",
+        "model.unet.attention_levels=(1,)", "init_from=", "sample.steps=3"])
+    out = str(tmp_path_factory.mktemp("stunet") / "model")
+    export_model(build_denoiser(config, nnx.Rngs(0)), config, out, step=0, source="test")
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    from lumiere_jax.config import read_resolved_config
+    return load_generator(read_resolved_config(model_dir), model_dir)[0]
+
+
+def _video(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (T, H, W, 3), np.uint8)
+
+
+def test_image_to_video_keeps_the_first_frame(generator):
+    image = _video()[0]
+    videos = editing.image_to_video(generator, image, PROMPT, [0, 1])
+    assert videos.shape == (2, T, H, W, 3)
+    np.testing.assert_array_equal(videos[:, 0], np.broadcast_to(image, (2, H, W, 3)))
+    assert not np.array_equal(videos[0, 1:], videos[1, 1:])  # the rest comes from the seed
+
+
+def test_inpainting_keeps_every_pixel_outside_the_region(generator):
+    video = _video()
+    region = editing.box_region("4,4,12,12", H, W)
+    out = editing.inpaint(generator, video, region, PROMPT, [0])[0]
+    outside = np.broadcast_to(region == 0, video.shape)
+    np.testing.assert_array_equal(out[outside], video[outside])
+    assert np.abs(out[~outside].astype(int) - video[~outside]).mean() > 10
+
+
+def test_outpainting_keeps_the_centre(generator):
+    small = _video()[:, :8, :12]
+    out = editing.outpaint(generator, small, PROMPT, [0])[0]
+    np.testing.assert_array_equal(out[:, 4:12, 2:14], small)
+    with pytest.raises(ValueError, match="smaller than the 16x16 canvas"):
+        editing.outpaint(generator, _video(), PROMPT, [0])
+
+
+def test_cinemagraph_is_still_outside_the_region_and_moves_inside(generator):
+    image = _video()[0]
+    region = editing.box_region("0.25,0.25,0.75,0.75", H, W)
+    out = editing.cinemagraph(generator, image, region, PROMPT, [0])[0].astype(np.float64)
+    variance = out.var(axis=0).mean(-1)  # per pixel, over time
+    assert np.all(variance[region[..., 0] == 0] == 0)
+    assert variance[region[..., 0] == 1].mean() > 1.0
+    np.testing.assert_array_equal(out[0][region[..., 0] == 0], image[region[..., 0] == 0])
+
+
+def test_sdedit_endpoints(generator):
+    video = _video()
+    np.testing.assert_array_equal(editing.sdedit(generator, video, PROMPT, 0.0, [0])[0], video)
+    fresh = generator([PROMPT], [5], 3.0)
+    np.testing.assert_array_equal(editing.sdedit(generator, video, PROMPT, 1.0, [5]), fresh)
+    half = editing.sdedit(generator, video, PROMPT, 0.5, [5])[0].astype(np.float64)
+    # Half-way: closer to the input than a fresh sample is.
+    assert np.abs(half - video).mean() < np.abs(fresh[0].astype(np.float64) - video).mean()
+    with pytest.raises(ValueError, match=r"strength is a diffusion time in \[0, 1\]"):
+        editing.sdedit(generator, video, PROMPT, 1.5, [0])
+
+
+def test_bad_inputs(generator, tmp_path):
+    with pytest.raises(ValueError, match="write x0,y0,x1,y1"):
+        editing.box_region("1,2,3", H, W)
+    with pytest.raises(ValueError, match="empty or outside"):
+        editing.box_region("4,4,40,8", H, W)
+    with pytest.raises(ValueError, match="region is empty"):
+        editing.cinemagraph(generator, _video()[0], np.zeros((H, W)), PROMPT, [0])
+    with pytest.raises(ValueError, match="model's shape"):
+        editing.inpaint(generator, _video()[:4], np.ones((H, W)), PROMPT, [0])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="not a readable image"):
+        editing.read_image(str(bad), H, W)
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        editing.read_image(str(tmp_path / "missing.png"), H, W)
+    with pytest.raises(ValueError, match="known and known_mask go together"):
+        generator([PROMPT], [0], known=np.zeros((1, T, H, W, 3), np.uint8))
+
+
+def test_images_of_another_size_are_fitted_with_a_warning(tmp_path, caplog):
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 10:30] = 255  # a white centre band, kept by the centre crop
+    video_io.write_png(str(tmp_path / "wide.png"), wide)
+    image = editing.read_image(str(tmp_path / "wide.png"), H, W)
+    assert image.shape == (H, W, 3) and image.mean() > 200
+    assert "resized and centre-cropped" in caplog.text
+
+
+def test_cli_app_writes_videos_and_reports_bad_input(model_dir, tmp_path):
+    image = tmp_path / "first.png"
+    video_io.write_png(str(image), _video()[0])
+
+    def lumiere(*args):
+        return subprocess.run([sys.executable, "-m", "lumiere_jax.cli", "app", *args,
+                               "--workdir", model_dir, "--prompts", PROMPT],
+                              capture_output=True, text=True, timeout=300)
+
+    result = lumiere("i2v", "--image", str(image), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    frames, _ = video_io.read_video(tmp_path / "out" / (
+        "a_small_red_circle_moving_left_on_a_black_backgr_seed0.mp4"))
+    assert frames.shape == (T, H, W, 3)
+    result = lumiere("cinemagraph", "--image", str(image))
+    assert result.returncode != 0 and "needs the region: --box or --mask" in result.stderr
+    result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"))
+    assert result.returncode != 0 and "no video file" in result.stderr
+    assert "Traceback" not in result.stderr
