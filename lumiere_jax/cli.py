@@ -9,6 +9,7 @@
                  [--image F] [--video F] [--box x0,y0,x1,y1 | --mask F] [--strength 0.5]
   lumiere export --workdir runs/t2i --out checkpoints/shapes_t2i
   lumiere demo   --workdir demo_out
+  lumiere sweep  --config configs/sweeps/shapes_grid.py --out sweeps/grid   # resumable
   lumiere plan   --config configs/lumiere_base.py --mesh data=8,fsdp=8,tensor=1 --device_memory_gib 95
   lumiere data synth --out shards/train --num 1024 [--split train]
   lumiere data import --videos DIR --captions captions.csv --out shards/mine
@@ -70,8 +71,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process `tra
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process `train`: this one's id.")
 
 APPS = ("i2v", "inpaint", "outpaint", "cinemagraph", "sdedit")
-COMMANDS = ("train", "sample", "eval", "export", "demo", "plan", "data synth", "data import",
-            "t5 convert") + tuple(f"app {name}" for name in APPS)
+COMMANDS = ("train", "sample", "eval", "export", "demo", "sweep", "plan", "data synth",
+            "data import", "t5 convert") + tuple(f"app {name}" for name in APPS)
 
 
 def _run_config():
@@ -225,6 +226,13 @@ def cmd_plan():
     print(plan_lib.format_plan(report))
 
 
+def cmd_sweep():
+    from lumiere_jax.parallel import distributed
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from lumiere_jax.sweep import cli_main
+    cli_main(_require(CONFIG.spec, "sweep"), CONFIG.overrides.value, _require(_OUT, "sweep"))
+
+
 def cmd_demo():
     from lumiere_jax.demo import run_demo
     run_demo(_WORKDIR.value or "demo_out")
@@ -270,7 +278,7 @@ def main(argv):
     words = argv[1:]
     command = " ".join(words)
     handlers = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval,
-                "export": cmd_export, "demo": cmd_demo, "plan": cmd_plan,
+                "export": cmd_export, "demo": cmd_demo, "sweep": cmd_sweep, "plan": cmd_plan,
                 "data synth": cmd_data_synth, "data import": cmd_data_import,
                 "t5 convert": cmd_t5_convert,
                 **{f"app {name}": (lambda name=name: cmd_app(name)) for name in APPS}}

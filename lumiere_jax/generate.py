@@ -31,7 +31,7 @@ from lumiere_jax.diffusion.samplers import replace_known, sample
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import augment_condition
 from lumiere_jax.models.denoiser import Denoiser
-from lumiere_jax.models.ssr import SSR
+from lumiere_jax.models.ssr import SSR, upsample_video
 from lumiere_jax.parallel.mesh import host_replicated, local_value, replicated
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import Tokenizer
@@ -61,6 +61,7 @@ class Generator:
         self.sample_shape = tuple(sample_shape)
         self.batch_size = batch_size
         self.scale = model.net.cfg.scale if isinstance(model.net, SSR) else None
+        residual = self.scale is not None and model.net.cfg.residual
         frames = self.sample_shape[0] if len(self.sample_shape) == 4 else 1
         window = window or frames
         if len(self.sample_shape) == 3 and window != 1:
@@ -86,7 +87,10 @@ class Generator:
                 # The sampler applies the config's thresholding (diffusion.thresholding).
                 return classifier_free_guidance(model, c, n, scale)(z, logsnr)
 
+            base = None
             if low_res is not None:
+                if residual:  # the sample is the residual over the given video, upsampled
+                    base = upsample_video(low_res, z_init.shape[-3:-1])
                 aug_rng, rng = jax.random.split(rng)
                 low_res = augment_condition(low_res, aug, aug_rng)
             fn = guided
@@ -100,8 +104,9 @@ class Generator:
                 z_init = alpha * edit["init"] + sigma * z_init
             z_transform = (replace_known(edit["known"], edit["known_mask"])
                            if "known" in edit else None)
-            return sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init,
-                          start_t=start_t, z_transform=z_transform)
+            x = sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init,
+                       start_t=start_t, z_transform=z_transform, clip_output=base is None)
+            return x if base is None else jnp.clip(base + x, -1.0, 1.0)
 
         self.mesh = mesh
         out = {} if mesh is None else {"out_shardings": replicated(mesh)}

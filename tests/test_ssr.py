@@ -249,6 +249,33 @@ def test_ssr_loss_builds_the_condition():
                  scale=2)
 
 
+def test_residual_ssr_loss_is_the_loss_of_the_residual_over_the_upsampled_input():
+    """residual=True is the plain SSR loss with the clip replaced by x - upsample(low-res)."""
+    diffusion = Diffusion()
+    x_high = jnp.tanh(normal((3, 2, 8, 8, 3), 13))
+    cond = {"text": jnp.zeros((3, 2, 4)), "text_mask": jnp.ones((3, 2), bool)}
+
+    def model_fn(z, logsnr, c):
+        return 0.3 * z + 0.1 * jnp.repeat(jnp.repeat(c["low_res"], 2, 2), 2, 3)
+
+    rng = jax.random.key(3)
+    residual, _ = ssr_loss(model_fn, x_high, cond, rng, diffusion, scale=2, residual=True)
+    from lumiere_jax.models.ssr import upsample_video
+    r = x_high - upsample_video(downsample_video(x_high, 2), (8, 8))
+    # The same rng split as ssr_loss: same levels and noise, the condition made from x_high.
+    from lumiere_jax.diffusion import ssr as ssr_lib
+    from lumiere_jax.diffusion.losses import diffusion_loss
+    aug_rng, noise_rng, loss_rng = jax.random.split(rng, 3)
+    aug = ssr_lib.sample_aug_logsnr(aug_rng, 3, diffusion, (0.0, 0.5))
+    low = ssr_lib.augment_condition(downsample_video(x_high, 2), aug, noise_rng)
+    reference, _ = diffusion_loss(model_fn, r, ssr_lib.ssr_condition(cond, low, aug), loss_rng,
+                                  diffusion)
+    np.testing.assert_allclose(float(residual), float(reference), rtol=1e-6)
+    plain, _ = ssr_loss(model_fn, x_high, cond, rng, diffusion, scale=2)
+    assert abs(float(plain) - float(residual)) > 1e-3
+    assert float(jnp.abs(r).mean()) < float(jnp.abs(x_high).mean())
+
+
 def test_ssr_loss_is_finite_differentiable_and_deterministic():
     model = _ssr(temporal=True)
     x, _, text, mask, _, _ = _inputs()

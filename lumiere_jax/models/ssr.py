@@ -48,11 +48,16 @@ class SSRConfig:
     """stunet: the U-Net and its temporal layers; temporal sampling must be off
     (temporal_sampling_levels=()) and the U-Net must take the upsampled low-res video as
     extra input channels (unet.extra_in_channels = unet.in_channels).
-    scale: the upsampling factor per spatial axis (e.g. 4: 128x128 -> 512x512)."""
+    scale: the upsampling factor per spatial axis (e.g. 4: 128x128 -> 512x512).
+    residual: the diffusion runs on the residual x - upsample_video(low_res) instead of x
+    (as in SRDiff, Li et al. 2022): the network only has to generate the detail the
+    interpolation lacks, and a residual of 0, its easiest output, is already the bilinear
+    upsampling. ssr_loss and the Generator read it; the network itself is the same."""
 
     stunet: STUNetConfig = STUNetConfig(unet=UNetConfig(extra_in_channels=3),
                                         temporal_sampling_levels=())
     scale: int = 4
+    residual: bool = False
 
     def __post_init__(self):
         if self.stunet.sampling_levels:

@@ -55,7 +55,7 @@ def load_export(directory: str) -> tuple[ConfigDict, Denoiser, dict]:
     info = json.loads((path / INFO_FILE).read_text())
     config = config_lib.read_resolved_config(path)
     model = nnx.eval_shape(lambda: build_denoiser(config, nnx.Rngs(0)))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, abstract)

@@ -139,7 +139,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
         cond = model.encode_text(tokens["ids"], tokens["mask"])
         if isinstance(model.net, SSR):
             return ssr_loss(model, batch["pixels"], cond, loss_rng, diffusion,
-                            scale=model.net.cfg.scale, aug_range=aug_range)
+                            scale=model.net.cfg.scale, aug_range=aug_range,
+                            residual=model.net.cfg.residual)
         return diffusion_loss(model, batch["pixels"], cond, loss_rng, diffusion)
 
     return loss_fn
