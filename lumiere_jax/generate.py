@@ -73,7 +73,7 @@ class Generator:
         self.null_tokens = (jnp.asarray(null.ids), jnp.asarray(null.mask))
 
         def run(state, ids, mask, null_ids, null_mask, z_init, rng, scale, low_res, edit,
-                start_t):
+                start_t, use_guidance):
             model: Denoiser = nnx.merge(self.graphdef, state)
             cond = model.encode_text(ids, mask)
             null_cond = broadcast_null_condition(model.encode_text(null_ids, null_mask), cond)
@@ -85,6 +85,8 @@ class Generator:
                     extra = {"low_res": low_res_window, "aug_logsnr": aug}
                     c, n = {**c, **extra}, {**n, **extra}
                 # The sampler applies the config's thresholding (diffusion.thresholding).
+                if not use_guidance:  # every scale is 1: the conditional prediction alone
+                    return model(z, jnp.broadcast_to(logsnr, (z.shape[0],)), c)
                 return classifier_free_guidance(model, c, n, scale)(z, logsnr)
 
             base = None
@@ -110,7 +112,7 @@ class Generator:
 
         self.mesh = mesh
         out = {} if mesh is None else {"out_shardings": replicated(mesh)}
-        self._run = jax.jit(run, static_argnames="start_t", **out)
+        self._run = jax.jit(run, static_argnames=("start_t", "use_guidance"), **out)
 
     def with_params(self, *states: nnx.State) -> "Generator":
         """Use these parameter states (e.g. the EMA and the frozen weights) from now on."""
@@ -163,7 +165,8 @@ class Generator:
                       else host_replicated(jax.device_get(inputs), self.mesh))
             *inputs, rng, scale, low, batch_edit = inputs
             x = self._run(self.state, *inputs, jax.random.wrap_key_data(rng), scale, low,
-                          batch_edit, start_t=float(strength) if init is not None else 1.0)
+                          batch_edit, start_t=float(strength) if init is not None else 1.0,
+                          use_guidance=bool(np.any(scales[sl] != 1.0)))
             out.append(to_uint8(local_value(x)))
             bar.update(len(out[-1]))
         bar.close()

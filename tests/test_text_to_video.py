@@ -206,3 +206,17 @@ def test_cli_pipeline(models, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [(v["prompt"], v["seed"]) for v in summary["videos"]] == [
         ("a red circle moving left", 3)]
+
+
+def test_guidance_one_skips_the_unconditional_branch_with_the_same_result(models):
+    """All scales 1: one network call per step instead of the [cond; null] pair, and the same
+    samples as the guided path gives a scale-1 item (up to float rounding of the batch)."""
+    from lumiere_jax.config import read_resolved_config
+    from lumiere_jax.sampling import load_generator
+
+    generator, _ = load_generator(read_resolved_config(models["base"]), models["base"])
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    alone = generator(prompts[:1], [4], 1.0)
+    mixed = generator(prompts, [4, 5], [1.0, 2.0])  # the guided path for both items
+    diff = np.abs(alone[0].astype(int) - mixed[0].astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
