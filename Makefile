@@ -28,6 +28,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_train
 	$(PY) -m bench.bench_t5
 	$(PY) -m bench.bench_data
+	$(PY) -m bench.bench_sample
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache

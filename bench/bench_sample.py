@@ -1,0 +1,61 @@
+"""Sampling speed of the text-to-video pipeline: `python -m bench.bench_sample [--steps 25]`.
+
+Samples with the shipped tiny models (checkpoints/shapes_stunet -> checkpoints/shapes_ssr,
+MultiDiffusion windows of 8 frames overlapping by 2) at `--steps` DDIM steps per stage, for
+batches of 1 and 4 prompts. Compilation and a warm-up call are excluded; each time is the
+median of `--runs` calls. Prints a markdown table: seconds per batch and per video, and
+output frames per second, for the base stage, the SSR stage and both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from lumiere_jax.config import load_config
+from lumiere_jax.pipeline import TextToVideoPipeline
+
+PROMPTS = ("a large red circle moving right on a black background",
+           "a small yellow square moving up on a white background",
+           "a large blue triangle moving left on a gray background",
+           "a small green circle moving down on a black background")
+
+
+def _median(fn, runs: int) -> float:
+    fn()  # compile and warm up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    config = load_config("configs/pipeline_shapes.py",
+                         [f"base.steps={args.steps}", f"ssr.steps={args.steps}"])
+    pipe = TextToVideoPipeline.from_config(config)
+    frames = pipe.ssr.sample_shape[0]
+    print("| batch | stage | seconds per batch | seconds per video | frames/s |")
+    print("|---|---|---|---|---|")
+    for batch in (1, 4):
+        prompts, seeds = list(PROMPTS[:batch]), list(range(batch))
+        low = pipe.base(prompts, seeds, config.base.guidance)
+        stages = {
+            "base (16x32x32)": lambda: pipe.base(prompts, seeds, config.base.guidance),
+            "SSR (16x64x64)": lambda: pipe.ssr(prompts, seeds, config.ssr.guidance, low_res=low),
+            "both": lambda: pipe(prompts, seeds),
+        }
+        for name, fn in stages.items():
+            seconds = _median(fn, args.runs)
+            print(f"| {batch} | {name} | {seconds:.2f} | {seconds / batch:.2f} | "
+                  f"{batch * frames / seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
