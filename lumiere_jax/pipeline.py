@@ -25,6 +25,7 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from lumiere_jax import config as config_lib
+from lumiere_jax.data import video_io
 from lumiere_jax.data.pipeline import world_from_config
 from lumiere_jax.eval import video_quality
 from lumiere_jax.eval.shapes import score_video
@@ -123,13 +124,12 @@ def run_pipeline(pipeline_config: ConfigDict, out: str, prompts: Sequence[str] |
                                        sample.overlap)
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from lumiere_jax.data import video_io
     videos = []
     for i, ((prompt, seed), base, final) in enumerate(zip(items, low, high)):
         stem = out_dir / f"{i:03d}_{_slug(prompt)}_seed{seed}"
-        files = write_sample(stem, final, world.fps)
-        video_io.write_png(f"{stem}_sheet.png", video_io.contact_sheet(
-            [base, final], labels=[f"base: {prompt}", "SSR"], max_frames=world.num_frames))
+        sheet = video_io.contact_sheet([base, final], labels=[f"base: {prompt}", "SSR"],
+                                       max_frames=world.num_frames)
+        files = write_sample(stem, final, world.fps, sheet=sheet)
         metrics = {"prompt": prompt, "seed": seed, "files": files,
                    "base": video_metrics(base, prompt, edges),
                    "final": video_metrics(final, prompt, edges)}

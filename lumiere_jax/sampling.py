@@ -41,14 +41,17 @@ def _slug(text: str, limit: int = 48) -> str:
     return "_".join(filter(None, keep.split("_")))[:limit] or "empty"
 
 
-def write_sample(path_stem: epath.Path, sample: np.ndarray, fps: float) -> list[str]:
-    """An image -> PNG; a video -> mp4, gif and a PNG contact sheet. Returns the paths."""
+def write_sample(path_stem: epath.Path, sample: np.ndarray, fps: float,
+                 sheet: np.ndarray | None = None) -> list[str]:
+    """An image -> PNG; a video -> mp4, gif and a PNG contact sheet (its frames, or `sheet`
+    if given, e.g. one with more rows). Returns the paths."""
     if sample.ndim == 3:
         video_io.write_png(f"{path_stem}.png", sample)
         return [f"{path_stem}.png"]
     video_io.write_mp4(f"{path_stem}.mp4", sample, fps)
     video_io.write_gif(f"{path_stem}.gif", sample, fps)
-    video_io.write_png(f"{path_stem}_sheet.png", video_io.contact_sheet([sample]))
+    video_io.write_png(f"{path_stem}_sheet.png",
+                       video_io.contact_sheet([sample]) if sheet is None else sheet)
     return [f"{path_stem}.mp4", f"{path_stem}.gif", f"{path_stem}_sheet.png"]
 
 

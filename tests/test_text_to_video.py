@@ -155,9 +155,15 @@ def test_pipeline_writes_videos_sheets_and_metrics(models, tmp_path):
         stem = video["files"][0][: -len(".mp4")]
         metrics = json.loads(open(f"{stem}_metrics.json").read())
         assert set(metrics["final"]) >= {"colour_ok", "shape_ok", "stability", "seam_ratio"}
-    from lumiere_jax.data.video_io import read_video
+    from PIL import Image
+
+    from lumiere_jax.data.video_io import contact_sheet, read_video
     frames, _ = read_video(summary["videos"][0]["files"][0])
     assert frames.shape == (FRAMES, HIGH, HIGH, 3)
+    # The sheet has two rows, the base video over the final one (written once).
+    one_row = contact_sheet([frames], labels=["x"], max_frames=FRAMES)
+    sheet = np.asarray(Image.open(summary["videos"][0]["files"][2]))
+    assert sheet.shape[0] > 1.5 * one_row.shape[0]
 
 
 def test_pipeline_errors(models, tmp_path):
