@@ -160,7 +160,7 @@ def cmd_app(name: str):
     from etils import epath
 
     from lumiere_jax.apps import editing
-    from lumiere_jax.sampling import _slug, check_prompts, load_generator, write_sample
+    from lumiere_jax.sampling import check_prompts, load_generator, slug, write_sample
     config, workdir = _run_config(), _require(_WORKDIR, f"app {name}")
     prompts = _prompts()
     if len(prompts) != 1:
@@ -198,7 +198,7 @@ def cmd_app(name: str):
     out = epath.Path(_OUT.value or f"{workdir}/apps/{name}")
     out.mkdir(parents=True, exist_ok=True)
     for seed, result in zip(seeds, videos):
-        print("\n".join(write_sample(out / f"{_slug(prompt)}_seed{seed}", result,
+        print("\n".join(write_sample(out / f"{slug(prompt)}_seed{seed}", result,
                                       config.world.fps)))
 
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.guidance import classifier_free_guidance
 from lumiere_jax.diffusion.losses import broadcast_null_condition
-from lumiere_jax.diffusion.multidiffusion import multidiffusion
+from lumiere_jax.diffusion.multidiffusion import multidiffusion, window_starts
+from lumiere_jax.diffusion.multidiffusion import window_weights as window_weights_of
 from lumiere_jax.diffusion.samplers import replace_known, sample
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import augment_condition
@@ -68,7 +69,8 @@ class Generator:
             raise ValueError(f"MultiDiffusion windows are for videos; sample_shape "
                              f"{self.sample_shape} is an image (use window=0)")
         overlap = overlap if window < frames else 0  # one window: nothing overlaps
-        multidiffusion(lambda z, s: z, frames, window, overlap, window_weights)  # checks now
+        window_starts(frames, window, overlap)  # bad windows fail here, not at the first call
+        window_weights_of(window, overlap, window_weights)
         null = tokenizer.encode_batch([NULL_PROMPT], max_length)
         self.null_tokens = (jnp.asarray(null.ids), jnp.asarray(null.mask))
 

@@ -106,7 +106,7 @@ def run_pipeline(pipeline_config: ConfigDict, out: str, prompts: Sequence[str] |
                  seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Samples every (prompt, seed) through both stages; writes per video an mp4, a gif, a PNG
     contact sheet (base and final rows) and a metrics JSON, and summary.json for all."""
-    from lumiere_jax.sampling import _slug, check_prompts, write_sample
+    from lumiere_jax.sampling import check_prompts, slug, write_sample
 
     prompts = list(prompts or pipeline_config.prompts)
     seeds = list(seeds if seeds is not None else pipeline_config.seeds)
@@ -126,7 +126,7 @@ def run_pipeline(pipeline_config: ConfigDict, out: str, prompts: Sequence[str] |
     out_dir.mkdir(parents=True, exist_ok=True)
     videos = []
     for i, ((prompt, seed), base, final) in enumerate(zip(items, low, high)):
-        stem = out_dir / f"{i:03d}_{_slug(prompt)}_seed{seed}"
+        stem = out_dir / f"{i:03d}_{slug(prompt)}_seed{seed}"
         sheet = video_io.contact_sheet([base, final], labels=[f"base: {prompt}", "SSR"],
                                        max_frames=world.num_frames)
         files = write_sample(stem, final, world.fps, sheet=sheet)

@@ -36,7 +36,8 @@ def load_generator(config: ConfigDict, workdir: str, step: int | None = None):
     return make_generator(model, config, Diffusion.from_config(config.diffusion), tokenizer), step
 
 
-def _slug(text: str, limit: int = 48) -> str:
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe form of a prompt: lower case, runs of other characters as one "_"."""
     keep = "".join(c if c.isalnum() else "_" for c in text.lower())
     return "_".join(filter(None, keep.split("_")))[:limit] or "empty"
 
@@ -86,7 +87,7 @@ def sample_to_files(config: ConfigDict, workdir: str, prompts: Sequence[str],
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for (prompt, seed, g), sample in zip(items, samples):
-        stem = out_dir / f"{_slug(prompt)}_seed{seed}_cfg{g:g}"
+        stem = out_dir / f"{slug(prompt)}_seed{seed}_cfg{g:g}"
         paths += write_sample(stem, sample, config.world.fps)
     return paths
 
@@ -244,7 +245,7 @@ def write_synthetic_previews(out: str, num: int, split: str = "train",
     clips = [source[i] for i in range(num)]
     paths = []
     for clip in clips:
-        stem = out_dir / f"{clip['index']:04d}_{_slug(clip['caption'])}"
+        stem = out_dir / f"{clip['index']:04d}_{slug(clip['caption'])}"
         video_io.write_gif(f"{stem}.gif", clip["video"], world.fps, scale=4)
         paths.append(f"{stem}.gif")
     sheet = video_io.contact_sheet([c["video"] for c in clips], labels=[c["caption"] for c in clips])

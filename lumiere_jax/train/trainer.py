@@ -62,7 +62,12 @@ from lumiere_jax.parallel.mesh import (
     replicated,
     to_shardings,
 )
-from lumiere_jax.parallel.sharding import DEFAULT_RULES, Rules, activation_sharding, logical_specs
+from lumiere_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    activation_sharding,
+    logical_specs,
+)
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import make_tokenizer
 from lumiere_jax.train.checkpoint import (
