@@ -454,3 +454,40 @@ def test_sampling_with_batch_sharded_over_devices_matches_single_device():
         jax.random.key(0), jax.device_put(text, batch_sharding))
     assert sharded.sharding.is_equivalent_to(batch_sharding, sharded.ndim)
     np.testing.assert_allclose(sharded, single, atol=1e-5)
+
+
+def test_frame_correlated_noise_has_the_configured_covariance():
+    """Every frame stays N(0, 1) and any two frames of a clip correlate by rho (PYoCo's mixed
+    prior); images and rho = 0 are untouched; clips stay independent of each other."""
+    eps = schedules.gaussian_noise(jax.random.key(0), (2000, 8, 4, 4, 3))
+    for rho in (0.0, 0.5, 0.9):
+        mixed = np.asarray(schedules.correlate_frames(eps, rho))
+        frames = mixed.transpose(1, 0, 2, 3, 4).reshape(8, -1)  # [t, samples]
+        cov = np.cov(frames)
+        np.testing.assert_allclose(np.diag(cov), 1.0, atol=0.02)
+        off = cov[~np.eye(8, dtype=bool)]
+        np.testing.assert_allclose(off, rho, atol=0.02)
+        clips = mixed[:, 0].reshape(2000, -1)
+        assert abs(np.corrcoef(clips[:-1].ravel(), clips[1:].ravel())[0, 1]) < 0.02
+    np.testing.assert_array_equal(schedules.correlate_frames(eps, 0.0), eps)
+    image = eps[:, 0]
+    np.testing.assert_array_equal(schedules.correlate_frames(image, 0.7), image)
+
+
+def test_frame_correlation_reaches_training_and_sampling_noise():
+    diffusion = Diffusion(frame_correlation=0.8, low_discrepancy_t=False)
+    x0 = jnp.zeros((64, 6, 4, 4, 3))
+    seen = {}
+
+    def model_fn(z, logsnr, cond):
+        seen.update(z=z, logsnr=logsnr)
+        return jnp.zeros_like(z)
+
+    losses.diffusion_loss(model_fn, x0, None, jax.random.key(0), diffusion)
+    eps = np.asarray(schedules.eps_from_x0(seen["z"], x0, seen["logsnr"]))
+    frames = eps.transpose(1, 0, 2, 3, 4).reshape(6, -1)
+    assert np.corrcoef(frames)[0, 1] == pytest.approx(0.8, abs=0.03)
+    z = np.asarray(samplers.noise_to(x0, 1.0, jax.random.key(1), diffusion))
+    assert np.corrcoef(z[:, 2].ravel(), z[:, 5].ravel())[0, 1] == pytest.approx(0.8, abs=0.03)
+    with pytest.raises(ValueError, match=r"frame_correlation is a correlation in \[0, 1\)"):
+        Diffusion(frame_correlation=1.0)

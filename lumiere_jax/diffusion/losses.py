@@ -69,7 +69,8 @@ def diffusion_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Denoising loss for a batch of clean data.
 
-    Draws t ~ U(0, 1) and eps ~ N(0, I) per example, builds z = alpha x0 + sigma eps, and
+    Draws t ~ U(0, 1) and eps ~ N(0, I) per example (frames correlated per
+    config.frame_correlation), builds z = alpha x0 + sigma eps, and
     regresses the model's output on the target of config.prediction, weighted per
     config.loss_weighting.
 
@@ -90,7 +91,7 @@ def diffusion_loss(
     time_rng, noise_rng = jax.random.split(rng)
     t = sample_times(time_rng, batch, config.low_discrepancy_t)
     logsnr = config.logsnr(t)
-    eps = schedules.gaussian_noise(noise_rng, x0.shape).astype(x0.dtype)
+    eps = config.noise(noise_rng, x0.shape).astype(x0.dtype)
     alpha, sigma = schedules.alpha_sigma(schedules.per_example(logsnr, x0))
     z = (alpha * x0 + sigma * eps).astype(x0.dtype)
 

@@ -29,6 +29,7 @@ from lumiere_jax.diffusion.schedules import Diffusion
 PredictionFn = Callable[[jax.Array, jax.Array], jax.Array]
 X0Transform = Callable[[jax.Array], jax.Array]
 ZTransform = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+NoiseFn = Callable[[jax.Array, tuple[int, ...]], jax.Array]  # (rng, shape) -> N(0, 1) noise
 SAMPLERS = ("ddim", "ddpm")
 
 
@@ -68,11 +69,12 @@ def noise_to(
     strength t in [0, 1] sets how much of x0 survives.
     """
     alpha, sigma = schedules.alpha_sigma(schedules.per_example(diffusion.logsnr(t), x0))
-    eps = schedules.gaussian_noise(rng, x0.shape)
+    eps = diffusion.noise(rng, x0.shape)
     return (alpha * x0 + sigma * eps).astype(x0.dtype)
 
 
-def replace_known(x_known: jax.Array, mask: jax.Array) -> ZTransform:
+def replace_known(x_known: jax.Array, mask: jax.Array,
+                  noise: NoiseFn = schedules.gaussian_noise) -> ZTransform:
     """A z_transform for training-free inpainting (and image-to-video, outpainting).
 
     After every step, the known region (mask = 1) of z is replaced by the known data noised
@@ -82,14 +84,14 @@ def replace_known(x_known: jax.Array, mask: jax.Array) -> ZTransform:
     Args:
       x_known: [b, ...] (or broadcastable), the observed data, in [-1, 1].
       mask: broadcastable to x_known's shape; 1 = known, 0 = to generate.
+      noise: (rng, shape) -> noise, e.g. Diffusion.noise for frame-correlated noise.
     """
     x_known = jnp.asarray(x_known)
     mask = jnp.asarray(mask, jnp.float32)
 
     def transform(z: jax.Array, logsnr: jax.Array, rng: jax.Array) -> jax.Array:
         alpha, sigma = schedules.alpha_sigma(schedules.per_example(logsnr, z))
-        noise = schedules.gaussian_noise(rng, z.shape)
-        z_known = alpha * x_known + sigma * noise
+        z_known = alpha * x_known + sigma * noise(rng, z.shape)
         # mask * z_known + (1 - mask) * z is exactly z_known where mask == 1.
         return (mask * z_known + (1.0 - mask) * z).astype(z.dtype)
 
@@ -103,6 +105,7 @@ def ddim_step(
     logsnr_s: jax.Array,
     eta: float | jax.Array,
     rng: jax.Array,
+    noise: NoiseFn = schedules.gaussian_noise,
 ) -> jax.Array:
     """One DDIM step (Song et al., 2021) from level t to the cleaner level s.
 
@@ -119,12 +122,12 @@ def ddim_step(
     z_s = alpha_s * x0 + direction * eps
     if isinstance(eta, (int, float)) and eta == 0:
         return z_s  # deterministic: skip drawing noise that would be multiplied by 0
-    noise = schedules.gaussian_noise(rng, x0.shape)
-    return z_s + jnp.sqrt(c_squared) * noise
+    return z_s + jnp.sqrt(c_squared) * noise(rng, x0.shape)
 
 
 def ddpm_step(
-    z: jax.Array, x0: jax.Array, logsnr_t: jax.Array, logsnr_s: jax.Array, rng: jax.Array
+    z: jax.Array, x0: jax.Array, logsnr_t: jax.Array, logsnr_s: jax.Array, rng: jax.Array,
+    noise: NoiseFn = schedules.gaussian_noise,
 ) -> jax.Array:
     """One ancestral step: a draw from q(z_s | z_t, x0) with the x0 estimate plugged in.
 
@@ -138,8 +141,7 @@ def ddpm_step(
     r = jnp.exp(log_r)
     one_minus_r = -jnp.expm1(log_r)
     mean = alpha_s * (r / alpha_t * z + one_minus_r * x0)
-    noise = schedules.gaussian_noise(rng, z.shape)
-    return mean + sigma_s * jnp.sqrt(one_minus_r) * noise
+    return mean + sigma_s * jnp.sqrt(one_minus_r) * noise(rng, z.shape)
 
 
 def _check_common(shape: Sequence[int], steps: int, start_t: float, z_init) -> None:
@@ -176,7 +178,7 @@ def _sample(
     shape = tuple(shape)
     batch = shape[0]
     init_rng, loop_rng = jax.random.split(rng)
-    z = schedules.gaussian_noise(init_rng, shape) if z_init is None else z_init
+    z = diffusion.noise(init_rng, shape) if z_init is None else z_init
     z = z.astype(jnp.float32)
     threshold = thresholding_transform(diffusion)
 
@@ -201,9 +203,9 @@ def _sample(
             eps = schedules.eps_from_x0(z, x0, logsnr_t)
 
         if method == "ddim":
-            z = ddim_step(x0, eps, logsnr_t, logsnr_s, eta, noise_rng)
+            z = ddim_step(x0, eps, logsnr_t, logsnr_s, eta, noise_rng, diffusion.noise)
         else:
-            z = ddpm_step(z, x0, logsnr_t, logsnr_s, noise_rng)
+            z = ddpm_step(z, x0, logsnr_t, logsnr_s, noise_rng, diffusion.noise)
         if z_transform is not None:
             z = z_transform(z, logsnr_s, hook_rng).astype(jnp.float32)
         return z

@@ -114,6 +114,24 @@ def gaussian_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) ->
     return jax.random.normal(rng, (shape[0], math.prod(shape[1:])), dtype).reshape(shape)
 
 
+def correlate_frames(eps: jax.Array, correlation: float) -> jax.Array:
+    """Videos' noise [b, t, ...] with the given correlation between any two frames.
+
+    The mixed noise prior of PYoCo (Ge et al., 2023): each frame's noise shares a fraction
+    `correlation` of its variance with every other frame of the clip, so an image model run on
+    each frame starts every frame from a similar layout and the temporal layers only have to
+    learn how frames differ. Deterministic in eps: e' = a e + c mean_t(e) with
+    a = sqrt(1 - rho) and c = sqrt(a^2 + t rho) - a gives Var(e'_i) = 1, Cov(e'_i, e'_j) = rho.
+    Images (rank < 5) and correlation 0 are returned unchanged.
+    """
+    if eps.ndim < 5 or correlation == 0.0:
+        return eps
+    t = eps.shape[1]
+    a = math.sqrt(1.0 - correlation)
+    c = math.sqrt(a * a + t * correlation) - a
+    return (a * eps + c * jnp.mean(eps, axis=1, keepdims=True)).astype(eps.dtype)
+
+
 # Conversions between predictions. z, x0, eps, v: [b, ...]; logsnr: [b] or scalar.
 
 
@@ -184,6 +202,9 @@ class Diffusion:
         independently; same marginal U(0, 1), lower variance of the batch loss.
       thresholding: one of THRESHOLDINGS, applied to every x0 estimate while sampling.
       dynamic_percentile: Imagen's p: the per-example quantile of |x0| used as the threshold.
+      frame_correlation: for videos, the correlation of the noise between any two frames of
+        a clip (correlate_frames; 0 = independent frames, as in the Lumiere paper), in
+        training and sampling alike.
     """
 
     prediction: str = "v"
@@ -195,6 +216,7 @@ class Diffusion:
     low_discrepancy_t: bool = True
     thresholding: str = "dynamic"
     dynamic_percentile: float = 0.995
+    frame_correlation: float = 0.0
 
     def __post_init__(self):
         check_prediction(self.prediction)
@@ -220,6 +242,17 @@ class Diffusion:
                 "Diffusion: dynamic_percentile is a fraction in (0, 1] (Imagen uses 0.995), "
                 f"got {self.dynamic_percentile}."
             )
+
+        if not 0.0 <= self.frame_correlation < 1.0:
+            raise ValueError(
+                "Diffusion: frame_correlation is a correlation in [0, 1) (0 = independent "
+                f"frames), got {self.frame_correlation}."
+            )
+
+    def noise(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """N(0, 1) noise for data of `shape`; a video's frames correlated per
+        frame_correlation."""
+        return correlate_frames(gaussian_noise(rng, shape), self.frame_correlation)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> "Diffusion":
