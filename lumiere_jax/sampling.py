@@ -98,14 +98,28 @@ def evaluation_prompts(world: ShapesWorld, split: str, n: int) -> list[str]:
 
 
 def evaluate(config: ConfigDict, workdir: str, step: int | None = None,
-             out: str | None = None) -> dict[str, Any]:
+             out: str | None = None, fvd_weights: str | None = None) -> dict[str, Any]:
     """Scores a run (or export) with `evaluate_generator` (an SSR with `evaluate_ssr`);
-    writes to `out` (default WORKDIR/eval)."""
+    writes to `out` (default WORKDIR/eval). fvd_weights: an I3D .npz (eval.fvd) to add FVD."""
     out = out or str(epath.Path(workdir) / "eval")
     if config.model.kind == "ssr":
-        return evaluate_ssr(config, workdir, out, step)
+        return evaluate_ssr(config, workdir, out, step, fvd_weights=fvd_weights)
     generator, step = load_generator(config, workdir, step)
-    return evaluate_generator(generator, config, out, step)
+    return evaluate_generator(generator, config, out, step, fvd_weights=fvd_weights)
+
+
+def _load_fvd_model(fvd_weights: str | None):
+    """The I3D of `fvd_weights`, loaded (and checked) before any sampling; None without."""
+    if not fvd_weights:
+        return None
+    from lumiere_jax.eval import fvd as fvd_lib
+    return fvd_lib.load_i3d(fvd_weights)
+
+
+def fvd_score(i3d, truth: np.ndarray, videos: np.ndarray) -> float:
+    """FVD (eval.fvd) of generated `videos` against the ground-truth clips `truth`."""
+    from lumiere_jax.eval import fvd as fvd_lib
+    return fvd_lib.fvd(truth, videos, i3d)
 
 
 def _without_overlap(config: ConfigDict) -> ConfigDict:
@@ -115,8 +129,8 @@ def _without_overlap(config: ConfigDict) -> ConfigDict:
     return plain
 
 
-def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = None
-                 ) -> dict[str, Any]:
+def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = None,
+                 fvd_weights: str | None = None) -> dict[str, Any]:
     """The SSR against ground truth on eval.num_samples clips of the seen ('test') and held-out
     splits: each clip is downsampled by the SSR's scale and upsampled again by the SSR (with
     MultiDiffusion over sample.window frames), by the SSR on windows tiled without overlap (no
@@ -124,12 +138,14 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
     the clip, the seam ratio (eval.video_quality) of each SSR variant at its own window edges
     and of the ground truth at the same edges, and the analytic shapes scores of the SSR's
     videos; writes step_N.json and a contact sheet (truth, bicubic, SSR without and with
-    aggregation) to `out`."""
+    aggregation) to `out`. With fvd_weights (an I3D .npz), also the FVD of the SSR's videos
+    against the clips (fvd_ssr)."""
     import jax
 
     from lumiere_jax.eval import video_quality as vq
     from lumiere_jax.train.trainer import low_res_of
 
+    i3d = _load_fvd_model(fvd_weights)
     generator, step = load_generator(config, workdir, step)
     plain, _ = load_generator(_without_overlap(config), workdir, step)
     world = world_from_config(config)
@@ -163,6 +179,8 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
         summary[f"seam_ratio_{name}"] = vq.seam_ratio(methods[name], at)
         summary[f"seam_ratio_truth_at_{name}_edges"] = vq.seam_ratio(truth, at)
     summary["shapes_ssr"] = score_batch(methods["ssr"], prompts)
+    if i3d is not None:
+        summary["fvd_ssr"] = fvd_score(i3d, truth, methods["ssr"])
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, labels = [], []
@@ -180,11 +198,13 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
     return report
 
 
-def evaluate_generator(generator, config: ConfigDict, out: str, step: int | str
-                       ) -> dict[str, Any]:
+def evaluate_generator(generator, config: ConfigDict, out: str, step: int | str,
+                       fvd_weights: str | None = None) -> dict[str, Any]:
     """Samples eval.num_samples captions of the seen ('test') and held-out splits (seeds
     eval.seed + i), scores them with the analytic evaluator, and writes step_N.json and
-    contact sheets to `out`."""
+    contact sheets to `out`. With fvd_weights (an I3D .npz, see eval.fvd), each split's
+    scores also get `fvd`: the samples against the world's clips of the same captions."""
+    i3d = _load_fvd_model(fvd_weights)
     world = world_from_config(config)
     n = config.eval.num_samples
     out_dir = epath.Path(out)
@@ -199,6 +219,10 @@ def evaluate_generator(generator, config: ConfigDict, out: str, step: int | str
         videos = samples if samples.ndim == 5 else samples[:, None]
         scores = score_batch(videos, prompts)
         scores["sample_seconds"] = seconds
+        if i3d is not None:
+            source = ShapesSource(world, split, n)
+            truth = np.stack([source[i]["video"] for i in range(n)])
+            scores["fvd"] = fvd_score(i3d, truth, videos)
         summary[split] = scores
         details[split] = prompts
         sheet = video_io.contact_sheet(list(videos[:16]), labels=prompts[:16])
@@ -225,14 +249,15 @@ def per_frame_generator(video_config: ConfigDict, image_export: str):
     return make_generator(model, config, Diffusion.from_config(config.diffusion), tokenizer)
 
 
-def evaluate_per_frame(video_config: ConfigDict, out: str) -> dict[str, Any]:
+def evaluate_per_frame(video_config: ConfigDict, out: str, fvd_weights: str | None = None
+                       ) -> dict[str, Any]:
     """`evaluate` for the per-frame baseline of a video run: its `init_from` image model."""
     source = video_config.get("init_from")
     if video_config.model.kind != "stunet" or not source:
         raise ValueError("the per-frame baseline needs a video (stunet) run whose config names "
                          "the image model it was inflated from (init_from)")
     return evaluate_generator(per_frame_generator(video_config, source), video_config, out,
-                              "per_frame")
+                              "per_frame", fvd_weights=fvd_weights)
 
 
 def write_synthetic_previews(out: str, num: int, split: str = "train",
