@@ -27,6 +27,8 @@ Config keys read (all under config.data, all optional except as noted):
     prefetch       batches each worker keeps ready                    (default 2)
     read_threads   threads decoding records in each process           (default 2)
     read_ahead     records decoded ahead in each process     (default 2 x local batch)
+    num_examples   source='shapes': only its first N clips; 0 = unbounded (default 0)
+    style          source='shapes': objects in a style of synthetic.STYLES  (default plain)
 """
 
 from __future__ import annotations
@@ -110,7 +112,11 @@ def make_source(config: ConfigDict):
     data = config.data
     kind = data.get("source", "shapes")
     if kind == "shapes":
-        return ShapesSource(world_from_config(config), data.get("split", "train"), EPOCH_SIZE)
+        # num_examples > 0: only the first few clips (e.g. a handful of style images);
+        # style: the world's objects rendered in a style (synthetic.STYLES), '' or None plain.
+        size = int(data.get("num_examples", 0) or 0) or EPOCH_SIZE
+        return ShapesSource(world_from_config(config), data.get("split", "train"), size,
+                            style=data.get("style") or None)
     if kind == "shards":
         if not data.get("path"):
             raise ValueError("config.data.source='shards' needs config.data.path (a shard "

@@ -26,6 +26,13 @@ Splits. The (colour, shape) pairs in `HELDOUT_COMBINATIONS` (4 of the 18) never 
 or 'test' and are the only ones in 'heldout', so compositional generalisation can be measured.
 Each split draws from its own seed stream, so 'train' and 'test' share no clip.
 
+Style (off by default; `render(..., style=...)`, `ShapesSource(..., style=...)`): "stripes"
+fills the object with diagonal stripes, a cosine wave between its colour and a lighter tint of
+it (STRIPE_TINT of the way to white, period STRIPE_PERIOD of the short side, fixed to the
+object so it moves with it). It draws no random numbers, so a styled clip has exactly the
+layout, caption and colour of the plain one. The style images of stylised generation
+(configs/shapes_style.py); `lumiere_jax.eval.style.style_score` measures it.
+
 Everything is numpy and deterministic in (world.seed, split, index); one 16x32x32 clip takes
 well under a millisecond to a few milliseconds.
 """
@@ -79,6 +86,9 @@ _SPLIT_STREAM = {"train": 0, "test": 1, "heldout": 2}  # separate seed streams p
 MIN_TRAVEL, MAX_TRAVEL = 0.30, 0.45  # total displacement of a moving object / short side
 COLOUR_JITTER = 10.0  # max per-channel offset of the object colour
 BACKGROUND_JITTER = 8.0  # max offset of the background gray level
+STYLES = ("stripes",)  # render(..., style=...); None: plain flat colour
+STRIPE_PERIOD = 0.18  # stripe wavelength / short side (5.8 px at 32x32), across the diagonal
+STRIPE_TINT = 0.25  # the stripes' light phase: this far from the object colour to white
 _TRIANGLE_CIRCUMRADIUS = 1.45  # x radius: the triangle's area is close to the circle's
 _SQUARE_HALF_SIDE = 0.9  # x radius
 
@@ -283,9 +293,16 @@ _LAYOUT_KEYS = ("shape", "radius", "trajectory", "rgb", "background_levels", "ba
 
 
 def render(
-    attrs: dict[str, Any], world: ShapesWorld, rng: np.random.Generator | None = None
+    attrs: dict[str, Any],
+    world: ShapesWorld,
+    rng: np.random.Generator | None = None,
+    *,
+    style: str | None = None,
 ) -> np.ndarray:
     """Render the clip described by `attrs`: uint8 [t, h, w, 3].
+
+    style: None (plain, the default) or one of STYLES (see the module docstring); it changes
+    only the object's fill, never the layout.
 
     `attrs` may be fully placed (output of `place`, rendered exactly, no rng needed) or only
     semantic, possibly partial (e.g. from `parse_caption`): then `rng` draws whatever is missing
@@ -321,8 +338,30 @@ def render(
 
     background = background_image(attrs, h, w)  # [h, w, 3]
     rgb = np.asarray(attrs["rgb"], np.float32)
+    if style is not None:
+        rgb = style_fill(style, rgb, dx, dy, short)  # [t, h, w, 3]
     video = background[None] + alpha[..., None] * (rgb - background[None])
     return np.round(video).astype(np.uint8)
+
+
+def style_fill(style: str, rgb: np.ndarray, dx: np.ndarray, dy: np.ndarray,
+               short: float) -> np.ndarray:
+    """float32 [t, h, w, 3] object colour of `style` at offsets dx [t, 1, w], dy [t, h, 1]
+    (pixels) from the object's centroid; rgb: its plain colour [3].
+
+    "stripes": rgb + STRIPE_TINT * (255 - rgb) * (1 + cos(2 pi u / period)) / 2, with u the
+    offset across the stripes ((dx + dy) / sqrt 2, so they run from bottom-left to top-right)
+    and period = STRIPE_PERIOD * short: smooth, so it needs no anti-aliasing.
+    """
+    if style not in STYLES:
+        close = difflib.get_close_matches(str(style), STYLES, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown style {style!r}{hint}; styles: {', '.join(STYLES)} "
+                         "(None: plain)")
+    across = (dx + dy) * np.float32(2**-0.5)  # [t, h, w]
+    wave = 0.5 + 0.5 * np.cos(np.float32(2 * np.pi / (STRIPE_PERIOD * short)) * across)
+    tint = STRIPE_TINT * (255.0 - rgb)  # [3]
+    return (rgb + wave[..., None] * tint).astype(np.float32)
 
 
 def background_image(attrs: dict[str, Any], height: int, width: int) -> np.ndarray:
@@ -407,10 +446,16 @@ class ShapesSource:
     Item i: {'video': uint8 [t, h, w, 3], 'caption': str, 'attrs': dict, 'index': int}; see
     `place` for the attrs keys. Single-frame worlds (t == 1) give captions without motion.
     Usable directly as a Grain source: grain.MapDataset.source(ShapesSource(...)).
+    style: None (plain) or one of STYLES: the same clips, captions and attrs, the objects
+    rendered in that style.
     """
 
-    def __init__(self, world: ShapesWorld, split: str = "train", size: int = 1024):
+    def __init__(self, world: ShapesWorld, split: str = "train", size: int = 1024,
+                 style: str | None = None):
         _check_split(split)
+        if style is not None and style not in STYLES:
+            raise ValueError(f"unknown style {style!r}; styles: {', '.join(STYLES)} (None: plain)")
+        self.style = style
         if not (isinstance(size, (int, np.integer)) and size >= 1):
             raise ValueError(f"ShapesSource size must be an int >= 1, got {size!r}")
         self.world = world
@@ -431,14 +476,15 @@ class ShapesSource:
         attrs = sample_attributes(rng, self.split, with_motion=self.world.num_frames > 1)
         attrs = place(attrs, self.world, rng)
         return {
-            "video": render(attrs, self.world),
+            "video": render(attrs, self.world, style=self.style),
             "caption": caption_for(attrs),
             "attrs": attrs,
             "index": index,
         }
 
     def __repr__(self) -> str:
-        return f"ShapesSource({self.world}, split={self.split!r}, size={self.size})"
+        style = f", style={self.style!r}" if self.style is not None else ""
+        return f"ShapesSource({self.world}, split={self.split!r}, size={self.size}{style})"
 
 
 # ----------------------------------------------------------------------------------------------
