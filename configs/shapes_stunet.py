@@ -3,17 +3,33 @@ r"""Stage 1: inflate the stage-0 text-to-image model into a STUNet and train onl
 16 frames at 32x32 (8 fps) of the built-in world. The spatial U-Net and the T5 encoder come
 from the stage-0 export (`init_from`) and stay frozen (bit-identical); only `net/temporal`
 (temporal convolutions at 32x32 and 16x16, temporal attention at 8x8, temporal down/up-sampling
-initialised to averaging / repeating) is trained.
+initialised to averaging / repeating) is trained. Three choices beyond the paper's recipe,
+each a switch (README "Stage 1" has what they did):
+  - `text`: the temporal layers read the caption through their own attention pooling
+    (model.temporal.temporal_text): the frozen text path, trained on stills, carries the
+    motion words at ~3% of its norm;
+  - `conv_spatial=3`: each temporal convolution has its own 3x3 spatial part, (2+1)D
+    (model.temporal.temporal_conv_spatial; 1 = the paper's 3x1x1 next to the frozen 3x3);
+  - `frame_correlation=0.5`: noise correlated across frames (PYoCo's mixed prior).
 
-Run (2 CPU cores):
+Run (2 CPU cores: 0.6-0.7 s per step idle, 2600 steps in about 30 minutes):
   lumiere train --config configs/shapes_stunet.py --workdir runs/stunet
   lumiere eval  --workdir runs/stunet
+  lumiere eval  --workdir runs/stunet --per_frame   # the stage-0 model on every frame
 
 Ablations (the paper's, rerun here): `:sampling=none` (no temporal down/up-sampling),
-`:sampling_init=random` (temporal sampling randomly initialised), `:attention=false`.
+`:sampling_init=random` (temporal sampling randomly initialised), `:attention=false`; and
+`:text=false,conv_spatial=1,frame_correlation=0` (the paper's temporal layers alone).
+
+The conditional variant (`:masked`): the trained STUNet (default init_from
+checkpoints/shapes_stunet) plus a zero-initialised input for the masked video and its mask
+(model.temporal.cond_channels=4), fine-tuned on random masks (train.mask_kinds,
+diffusion/masks.py) for image-to-video and inpainting:
+  lumiere train --config configs/shapes_stunet.py:masked --workdir runs/stunet_masked
 
 Expected result: see README "Stage 1" for the measured motion accuracy and temporal stability
-against the per-frame stage-0 model on the same prompts and seeds.
+against the per-frame stage-0 model on the same prompts and seeds, and README "Applications"
+for the conditional variant.
 """
 
 from ml_collections import ConfigDict
@@ -22,12 +38,19 @@ from lumiere_jax.config import parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    arg = parse_config_arg(arg, smoke=False, steps=1500, batch=4, sampling="all",
+    arg = parse_config_arg(arg, smoke=False, steps=0, batch=4, sampling="all",
                            sampling_init="nearest", attention=True, channels=16,
-                           init_from="checkpoints/shapes_t2i")
+                           frame_correlation=0.0, text=False, conv_spatial=1, masked=False,
+                           init_from="")
+    # The masked variant fine-tunes a trained STUNet; the plain one inflates the image model.
+    init_from = arg.init_from or ("checkpoints/shapes_stunet" if arg.masked
+                                  else "checkpoints/shapes_t2i")
+    steps = arg.steps or (600 if arg.masked else 1500)
     c = ConfigDict()
     c.seed = 0
-    c.init_from = arg.init_from  # an export of the stage-0 model (`lumiere export`)
+    c.init_from = init_from  # an export of the stage-0 model (`lumiere export`)
+    if arg.masked:  # the stage-1 export, plus the new zero-initialised conditioning input
+        c.init_new_params = "^net/temporal/cond_in/"
     c.world = dict(num_frames=16, height=32, width=32, fps=8.0, seed=0)
     # source: 'shapes' (generated on the fly), 'shards' (data.path: `lumiere data synth` or
     # `lumiere data import` output) or 'tfds' (data.tfds_name, data.path = its data_dir).
@@ -45,16 +68,21 @@ def get_config(arg: str | None = None) -> ConfigDict:
                   remat="none"),
         temporal=dict(temporal_sampling_levels=levels[arg.sampling],
                       temporal_sampling_init=arg.sampling_init, temporal_conv=True,
-                      temporal_attention=arg.attention, temporal_head_dim=32))
+                      temporal_conv_spatial=arg.conv_spatial,
+                      temporal_attention=arg.attention, temporal_head_dim=32,
+                      temporal_text=arg.text, cond_channels=4 if arg.masked else 0))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
-                       loss_weighting="none", thresholding="dynamic")
+                       loss_weighting="none", thresholding="dynamic",
+                       frame_correlation=arg.frame_correlation)
     c.train = dict(
-        steps=arg.steps, decay_steps=0, batch_size=arg.batch, lr=1e-3, end_lr_factor=0.1,
+        steps=steps, decay_steps=0, batch_size=arg.batch, lr=1e-3, end_lr_factor=0.1,
         warmup_steps=50,
         weight_decay=1e-4, grad_clip=1.0, ema_decay=0.995, cond_drop=0.1,
         trainable="^net/temporal/",  # frozen: the stage-0 U-Net and T5
         log_every=25, ckpt_every=250, sample_every=500, max_to_keep=2, keep_period=0,
         grad_accum=1, preemption=True, progress=True)
+    if arg.masked:  # one random mask per clip (diffusion/masks.py)
+        c.train.mask_kinds = ("none", "first_frame", "box", "spatiotemporal", "border")
     # One device (a tiny model gains nothing from more on a CPU); `--config.mesh.data=-1` uses
     # them all. mesh.dcn: sizes across slices; mesh.rules: logical-axis rules before the defaults.
     c.mesh = dict(data=1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())

@@ -4,9 +4,10 @@
                  [--coordinator_address host:port --num_processes N --process_id I]
   lumiere sample --workdir runs/t2i --prompts "a red circle moving left" --seeds 0,1
   lumiere sample --pipeline configs/pipeline_shapes.py --out pipeline_out   # base + SSR
-  lumiere eval   --workdir runs/t2i
+  lumiere eval   --workdir runs/t2i [--fvd_weights i3d_kinetics400.npz]
   lumiere app i2v|inpaint|outpaint|cinemagraph|sdedit --workdir runs/stunet --prompts TEXT
                  [--image F] [--video F] [--box x0,y0,x1,y1 | --mask F] [--strength 0.5]
+  lumiere app style --workdir runs/stunet --style STYLE_EXPORT --alpha 0,0.5,1 --prompts TEXT
   lumiere export --workdir runs/t2i --out checkpoints/shapes_t2i
   lumiere demo   --workdir demo_out
   lumiere sweep  --config configs/sweeps/shapes_grid.py --out sweeps/grid   # resumable
@@ -45,6 +46,9 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _PER_FRAME = flags.DEFINE_bool(
     "per_frame", False, "eval: score the per-frame baseline instead (the run's init_from image "
     "model on every frame independently, same prompts, seeds and noise).")
+_FVD_WEIGHTS = flags.DEFINE_string(
+    "fvd_weights", "", "eval: an I3D weights .npz (Kinetics-400 RGB, DeepMind variable names; "
+    "see lumiere_jax/eval/fvd.py) to add FVD against the world's clips (default: no FVD).")
 _IMAGE = flags.DEFINE_string("image", None, "app i2v/cinemagraph: the input image file.")
 _VIDEO = flags.DEFINE_string("video", None, "app inpaint/outpaint/sdedit: the input video file.")
 _BOX = flags.DEFINE_string("box", None, "app inpaint/cinemagraph: the region x0,y0,x1,y1 "
@@ -52,6 +56,14 @@ _BOX = flags.DEFINE_string("box", None, "app inpaint/cinemagraph: the region x0,
 _MASK = flags.DEFINE_string("mask", None, "app inpaint/cinemagraph: the region as a mask image "
                             "(white = region).")
 _STRENGTH = flags.DEFINE_float("strength", 0.5, "app sdedit: how much to change, in [0, 1].")
+_CONDITIONING = flags.DEFINE_enum(
+    "conditioning", "replace", ["replace", "model", "both"],
+    "app i2v/inpaint/outpaint/cinemagraph: replace the known pixels at every step (any model), "
+    "let a conditional model see them ('model'; configs/shapes_stunet.py:masked), or both.")
+_STYLE = flags.DEFINE_string("style", None, "app style: the image model fine-tuned on the "
+                             "style images (an export or a run of configs/shapes_style.py).")
+_ALPHA = flags.DEFINE_list("alpha", ["1.0"], "app style: style strengths in [0, 1] (0: the "
+                           "original model, 1: the fine-tuned spatial weights); each is sampled.")
 _NUM = flags.DEFINE_integer("num", 8, "How many items (data synth).")
 _SPLIT = flags.DEFINE_string("split", "train", "Split of the built-in world (data synth).")
 _SRC = flags.DEFINE_string("src", None, "Source checkpoint (t5 convert).")
@@ -72,7 +84,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process `train`: t
 
 APPS = ("i2v", "inpaint", "outpaint", "cinemagraph", "sdedit")
 COMMANDS = ("train", "sample", "eval", "export", "demo", "sweep", "plan", "data synth",
-            "data import", "t5 convert") + tuple(f"app {name}" for name in APPS)
+            "data import", "t5 convert") + tuple(f"app {name}" for name in APPS) + ("app style",)
 
 
 def _run_config():
@@ -149,9 +161,11 @@ def cmd_eval():
     from lumiere_jax.sampling import evaluate, evaluate_per_frame
     config, workdir = _run_config(), _require(_WORKDIR, "eval")
     if _PER_FRAME.value:
-        report = evaluate_per_frame(config, _OUT.value or f"{workdir}/eval_per_frame")
+        report = evaluate_per_frame(config, _OUT.value or f"{workdir}/eval_per_frame",
+                                    fvd_weights=_FVD_WEIGHTS.value or None)
     else:
-        report = evaluate(config, workdir, step=_STEP.value, out=_OUT.value)
+        report = evaluate(config, workdir, step=_STEP.value, out=_OUT.value,
+                          fvd_weights=_FVD_WEIGHTS.value or None)
     print(json.dumps(report["summary"], indent=1))
 
 
@@ -170,6 +184,7 @@ def cmd_app(name: str):
     guidance = float(_GUIDANCE.value[0]) if _GUIDANCE.value else config.sample.guidance
     generator, _ = load_generator(config, workdir, _STEP.value)
     t, h, w = generator.sample_shape[:3]
+    how = _CONDITIONING.value
 
     def region():
         if bool(_BOX.value) == bool(_MASK.value):
@@ -185,14 +200,14 @@ def cmd_app(name: str):
 
     if name == "i2v":
         image = editing.read_image(_require(_IMAGE, "app i2v"), h, w)
-        videos = editing.image_to_video(generator, image, prompt, seeds, guidance)
+        videos = editing.image_to_video(generator, image, prompt, seeds, guidance, how)
     elif name == "inpaint":
-        videos = editing.inpaint(generator, video(), region(), prompt, seeds, guidance)
+        videos = editing.inpaint(generator, video(), region(), prompt, seeds, guidance, how)
     elif name == "outpaint":
-        videos = editing.outpaint(generator, video(), prompt, seeds, guidance)
+        videos = editing.outpaint(generator, video(), prompt, seeds, guidance, how)
     elif name == "cinemagraph":
         image = editing.read_image(_require(_IMAGE, "app cinemagraph"), h, w)
-        videos = editing.cinemagraph(generator, image, region(), prompt, seeds, guidance)
+        videos = editing.cinemagraph(generator, image, region(), prompt, seeds, guidance, how)
     else:
         videos = editing.sdedit(generator, video(), prompt, _STRENGTH.value, seeds, guidance)
     out = epath.Path(_OUT.value or f"{workdir}/apps/{name}")
@@ -200,6 +215,37 @@ def cmd_app(name: str):
     for seed, result in zip(seeds, videos):
         print("\n".join(write_sample(out / f"{slug(prompt)}_seed{seed}", result,
                                       config.world.fps)))
+
+
+def cmd_app_style():
+    """Stylised generation: the STUNet of --workdir with its spatial weights blended towards
+    the --style image model by each --alpha; every prompt with every seed and alpha."""
+    from etils import epath
+    from flax import nnx
+
+    from lumiere_jax.apps import style
+    from lumiere_jax.sampling import check_prompts, load_generator, slug, write_sample
+    config, workdir = _run_config(), _require(_WORKDIR, "app style")
+    style_model = style.load_model(_require(_STYLE, "app style"))
+    try:
+        alphas = [style.check_alpha(float(a)) for a in _ALPHA.value]
+    except ValueError as e:
+        raise app.UsageError(f"--alpha: {e}") from None
+    prompts = _prompts()
+    check_prompts(prompts)
+    seeds = [int(s) for s in _SEEDS.value]
+    guidance = float(_GUIDANCE.value[0]) if _GUIDANCE.value else config.sample.guidance
+    generator, _ = load_generator(config, workdir, _STEP.value)
+    video_model = nnx.merge(generator.graphdef, generator.state, copy=True)  # kept as is
+    out = epath.Path(_OUT.value or f"{workdir}/apps/style")
+    out.mkdir(parents=True, exist_ok=True)
+    items = [(p, s) for p in prompts for s in seeds]
+    for alpha in alphas:  # one compiled sampler: only the weights change
+        generator.with_params(style.stylised_params(video_model, style_model, alpha))
+        videos = generator([p for p, _ in items], [s for _, s in items], guidance)
+        for (prompt, seed), result in zip(items, videos):
+            print("\n".join(write_sample(out / f"{slug(prompt)}_seed{seed}_alpha{alpha:g}",
+                                          result, config.world.fps)))
 
 
 def cmd_export():
@@ -281,7 +327,8 @@ def main(argv):
                 "export": cmd_export, "demo": cmd_demo, "sweep": cmd_sweep, "plan": cmd_plan,
                 "data synth": cmd_data_synth, "data import": cmd_data_import,
                 "t5 convert": cmd_t5_convert,
-                **{f"app {name}": (lambda name=name: cmd_app(name)) for name in APPS}}
+                **{f"app {name}": (lambda name=name: cmd_app(name)) for name in APPS},
+                "app style": cmd_app_style}
     if command not in handlers:
         raise app.UsageError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     try:

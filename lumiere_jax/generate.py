@@ -26,6 +26,7 @@ from tqdm import tqdm
 from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.guidance import classifier_free_guidance
 from lumiere_jax.diffusion.losses import broadcast_null_condition
+from lumiere_jax.diffusion.masks import masked_video
 from lumiere_jax.diffusion.multidiffusion import multidiffusion, window_starts
 from lumiere_jax.diffusion.multidiffusion import window_weights as window_weights_of
 from lumiere_jax.diffusion.samplers import replace_known, sample
@@ -33,9 +34,12 @@ from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import augment_condition
 from lumiere_jax.models.denoiser import Denoiser
 from lumiere_jax.models.ssr import SSR, upsample_video
+from lumiere_jax.models.stunet import STUNet
 from lumiere_jax.parallel.mesh import host_replicated, local_value, replicated
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import Tokenizer
+
+CONDITIONINGS = ("replace", "model", "both")
 
 
 class Generator:
@@ -61,6 +65,7 @@ class Generator:
         self.max_length = max_length
         self.sample_shape = tuple(sample_shape)
         self.batch_size = batch_size
+        self.frame_correlation = diffusion.frame_correlation  # of each seed's starting noise
         self.scale = model.net.cfg.scale if isinstance(model.net, SSR) else None
         residual = self.scale is not None and model.net.cfg.residual
         frames = self.sample_shape[0] if len(self.sample_shape) == 4 else 1
@@ -75,11 +80,16 @@ class Generator:
         self.null_tokens = (jnp.asarray(null.ids), jnp.asarray(null.mask))
 
         def run(state, ids, mask, null_ids, null_mask, z_init, rng, scale, low_res, edit,
-                start_t, use_guidance):
+                start_t, use_guidance, conditioning):
             model: Denoiser = nnx.merge(self.graphdef, state)
             cond = model.encode_text(ids, mask)
             null_cond = broadcast_null_condition(model.encode_text(null_ids, null_mask), cond)
             aug = jnp.full((z_init.shape[0],), aug_logsnr, jnp.float32)
+
+            edit = edit or {}
+            if "known" in edit and conditioning != "replace":  # the model sees the known part
+                masked = {"masked": masked_video(edit["known"], edit["known_mask"])}
+                cond, null_cond = {**cond, **masked}, {**null_cond, **masked}
 
             def guided(z, logsnr, low_res_window=None):
                 c, n = cond, null_cond
@@ -101,20 +111,22 @@ class Generator:
             if z_init.ndim == 5:
                 fn = multidiffusion(guided, frames, window, overlap, window_weights,
                                     frame_cond=low_res)
-            edit = edit or {}
             if "init" in edit and start_t < 1.0:  # SDEdit: the input noised to start_t
                 alpha, sigma = schedules.alpha_sigma(
                     schedules.per_example(diffusion.logsnr(start_t), z_init))
                 z_init = alpha * edit["init"] + sigma * z_init
-            z_transform = (replace_known(edit["known"], edit["known_mask"])
-                           if "known" in edit else None)
+            z_transform = (replace_known(edit["known"], edit["known_mask"], diffusion.noise)
+                           if "known" in edit and conditioning != "model" else None)
             x = sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init,
                        start_t=start_t, z_transform=z_transform, clip_output=base is None)
             return x if base is None else jnp.clip(base + x, -1.0, 1.0)
 
         self.mesh = mesh
         out = {} if mesh is None else {"out_shardings": replicated(mesh)}
-        self._run = jax.jit(run, static_argnames=("start_t", "use_guidance"), **out)
+        self._run = jax.jit(run, static_argnames=("start_t", "use_guidance", "conditioning"),
+                            **out)
+        self.conditional = isinstance(model.net, STUNet) and model.net.cfg.cond_channels > 0
+        self.window = window
 
     def with_params(self, *states: nnx.State) -> "Generator":
         """Use these parameter states (e.g. the EMA and the frozen weights) from now on."""
@@ -126,7 +138,8 @@ class Generator:
                  guidance: float | Sequence[float] = 3.0,
                  low_res: np.ndarray | None = None, progress: str | None = None, *,
                  known: np.ndarray | None = None, known_mask: np.ndarray | None = None,
-                 init: np.ndarray | None = None, strength: float = 1.0) -> np.ndarray:
+                 init: np.ndarray | None = None, strength: float = 1.0,
+                 conditioning: str = "replace") -> np.ndarray:
         """uint8 samples [n, *sample_shape] for n prompts with one seed (and scale) each.
 
         low_res: for an SSR model, the low-resolution videos to upsample, [n, t, H/scale,
@@ -137,6 +150,9 @@ class Generator:
           known_mask [n, *sample_shape[:-1], 1] (1 = keep the known pixel, 0 = generate). At
           every step the known region is replaced by the known pixels noised to that step's
           level, so the sample equals `known` exactly where known_mask is 1.
+        conditioning: how the known pixels steer the sample: "replace" (the training-free way
+          above), "model" (a conditional STUNet, fine-tuned with masks, sees the masked video
+          and the mask as input; nothing is replaced) or "both".
         init, strength: SDEdit. init [n, *sample_shape] is noised (with each seed's noise) to
           diffusion time `strength` in [0, 1] and denoised from there with the prompt:
           strength 0 returns init, strength 1 is plain sampling from the seed.
@@ -144,6 +160,7 @@ class Generator:
         prompts = list(prompts)
         low_res = self._check_low_res(low_res, len(prompts))
         edit = self._check_edit(len(prompts), known, known_mask, init, strength)
+        self._check_conditioning(conditioning, "known" in edit)
         if init is not None and strength == 0.0:
             return to_uint8(edit["init"])
         if len(seeds) != len(prompts):
@@ -159,6 +176,7 @@ class Generator:
             sl = slice(i, i + self.batch_size)
             z = jnp.stack([jax.random.normal(jax.random.key(int(s)), self.sample_shape)
                            for s in seeds[sl]])
+            z = schedules.correlate_frames(z, self.frame_correlation)
             rng = jax.random.key_data(jax.random.key(int(seeds[sl][0]) + 7919 * i))
             inputs = (tokens.ids[sl], tokens.mask[sl], *self.null_tokens, z, rng, scales[sl],
                       None if low_res is None else low_res[sl],
@@ -168,11 +186,27 @@ class Generator:
             *inputs, rng, scale, low, batch_edit = inputs
             x = self._run(self.state, *inputs, jax.random.wrap_key_data(rng), scale, low,
                           batch_edit, start_t=float(strength) if init is not None else 1.0,
-                          use_guidance=bool(np.any(scales[sl] != 1.0)))
+                          use_guidance=bool(np.any(scales[sl] != 1.0)),
+                          conditioning=conditioning if known is not None else "replace")
             out.append(to_uint8(local_value(x)))
             bar.update(len(out[-1]))
         bar.close()
         return np.concatenate(out)
+
+    def _check_conditioning(self, conditioning: str, has_known: bool) -> None:
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got "
+                             f"{conditioning!r}")
+        if conditioning == "replace" or not has_known:
+            return
+        if not self.conditional:
+            raise ValueError(f"conditioning={conditioning!r} needs a conditional STUNet (model."
+                             "temporal.cond_channels=4, fine-tuned with masks: configs/"
+                             "shapes_stunet.py:masked); this model only supports 'replace'")
+        if self.window < self.sample_shape[0]:
+            raise ValueError("the conditional model samples the whole clip at once; set "
+                             f"window=0 (got window {self.window} < {self.sample_shape[0]} "
+                             "frames)")
 
     def _check_edit(self, n: int, known, known_mask, init, strength: float
                     ) -> dict[str, np.ndarray]:

@@ -115,6 +115,9 @@ class _AverageAndRepeat:
     def __init__(self, down, up):
         self.down, self.up = down, up
 
+    def embed(self, emb, text, text_mask):
+        return emb
+
     def after_block(self, name, h, emb):
         return h
 
@@ -200,3 +203,34 @@ def test_bad_configs_are_rejected():
         STUNetConfig(unet=UNET, temporal_sampling_levels=(2,))
     with pytest.raises(ValueError, match="unknown U-Net config keys"):
         UNetConfig.from_dict({"chanels": 3})
+
+
+@pytest.mark.parametrize("still", [False, True])
+def test_text_pool_and_spatial_temporal_conv_keep_the_exact_init(still):
+    """The world's configs add a caption reader and (2+1)D temporal convs; at initialisation
+    the STUNet still equals the image model per frame (without temporal sampling), and on a
+    still video with it."""
+    options = dict(temporal_text=True, temporal_conv_spatial=3)
+    model = _stunet(**options) if still else _stunet(temporal_sampling_levels=(), **options)
+    x, logsnr, text, mask = _inputs(still=still)
+    ref = _per_frame(model.unet, x, logsnr, text, mask)
+    assert float(jnp.abs(ref).max()) > 0.1
+    np.testing.assert_allclose(model(x, logsnr, text, mask), ref, atol=1e-5)
+    assert "spatial" in nnx.to_pure_dict(nnx.state(model.temporal.blocks["down_0_0"]))
+
+
+def test_temporal_text_pool_reads_single_words():
+    """One changed token (e.g. 'left' -> 'right') moves the temporal layers' embedding by as
+    much as a changed noise level does; padding tokens change nothing."""
+    model = STUNet(STUNetConfig(unet=UNET, temporal_text=True), rngs=nnx.Rngs(0))
+    emb = jax.random.normal(jax.random.key(4), (B, UNET.emb_dim))
+    _, _, text, mask = _inputs()
+    base = model.temporal.embed(emb, text, mask)
+    one_word = model.temporal.embed(emb, text.at[:, 1].set(-text[:, 1]), mask)
+    padding = model.temporal.embed(emb, text.at[0, 4].set(100.0), mask)
+    assert float(jnp.linalg.norm(one_word - base, axis=-1).min()) > 0.1
+    np.testing.assert_array_equal(padding, base)
+    plain = STUNet(STUNetConfig(unet=UNET), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(plain.temporal.embed(emb, text, mask), emb)
+    with pytest.raises(ValueError, match="temporal_conv_spatial must be an odd"):
+        STUNetConfig(unet=UNET, temporal_conv_spatial=2)

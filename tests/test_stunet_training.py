@@ -106,7 +106,7 @@ def test_inflation_from_another_architecture_lists_what_differs():
     with pytest.raises(InflationError) as error:
         inflate(video, nnx.to_pure_dict(nnx.state(image, nnx.Param)), where="stage0")
     message = str(error.value)
-    assert "cannot inflate from stage0" in message and "mis-shaped (" in message
+    assert "cannot initialise from stage0" in message and "mis-shaped (" in message
     assert "net/unet/conv_in/kernel: model (3, 3, 3, 8), source (3, 3, 3, 16)" in message
     assert "unexpected" not in message and "missing" not in message
 

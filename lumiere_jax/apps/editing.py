@@ -10,6 +10,9 @@ All of them condition the sampler of an unchanged base model (a `Generator` of a
 
 The first four replace the known pixels, noised to each step's level, at every sampling step
 (diffusion.samplers.replace_known), so the result equals the input exactly where it is known.
+With a conditional STUNet (the paper's variant: fine-tuned with random masks, it takes the
+masked video and the mask as input; configs/shapes_stunet.py:masked) they can instead let the
+model see the known pixels (`conditioning="model"`), or do both (`"both"`).
 SDEdit starts the sampler part-way (diffusion time = strength) from the noised input.
 
 Inputs are uint8 pixels; image and video files are read and fitted to the model's frame size
@@ -111,26 +114,29 @@ def _check_region(region: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _sample_known(generator: Generator, prompt: str, seeds: Sequence[int], guidance: float,
-                  known: np.ndarray, keep: np.ndarray) -> np.ndarray:
+                  known: np.ndarray, keep: np.ndarray, conditioning: str) -> np.ndarray:
     n = len(seeds)
     return generator([prompt] * n, list(seeds), guidance,
                      known=np.broadcast_to(known, (n, *known.shape)),
-                     known_mask=np.broadcast_to(keep, (n, *known.shape[:-1], 1)))
+                     known_mask=np.broadcast_to(keep, (n, *known.shape[:-1], 1)),
+                     conditioning=conditioning)
 
 
 def image_to_video(generator: Generator, image: np.ndarray, prompt: str, seeds: Sequence[int],
-                   guidance: float = 3.0) -> np.ndarray:
-    """Videos [n, t, h, w, 3] whose frame 0 is `image` (uint8 [h, w, 3]) exactly."""
+                   guidance: float = 3.0, conditioning: str = "replace") -> np.ndarray:
+    """Videos [n, t, h, w, 3] whose frame 0 is `image` (uint8 [h, w, 3]); exactly so unless
+    conditioning="model" (then the conditional model follows the image as well as it can)."""
     t, h, w = _video_shape(generator)
     known = np.zeros((t, h, w, 3), np.uint8)
     known[0] = fit_frame(image, h, w, "image")
     keep = np.zeros((t, h, w, 1), np.float32)
     keep[0] = 1.0
-    return _sample_known(generator, prompt, seeds, guidance, known, keep)
+    return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning)
 
 
 def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt: str,
-            seeds: Sequence[int], guidance: float = 3.0) -> np.ndarray:
+            seeds: Sequence[int], guidance: float = 3.0,
+            conditioning: str = "replace") -> np.ndarray:
     """`video` (uint8 [t, h, w, 3]) with `region` regenerated: region [h, w(, 1)] for every
     frame or [t, h, w, 1] per frame, 1 = generate. Elsewhere the output equals the input."""
     t, h, w = _video_shape(generator)
@@ -140,11 +146,12 @@ def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt:
     region = (_check_region(region, h, w) if np.ndim(region) <= 3
               else np.asarray(region, np.float32))
     keep = np.broadcast_to(1.0 - region, (t, h, w, 1))
-    return _sample_known(generator, prompt, seeds, guidance, np.asarray(video), keep)
+    return _sample_known(generator, prompt, seeds, guidance, np.asarray(video), keep,
+                         conditioning)
 
 
 def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequence[int],
-             guidance: float = 3.0) -> np.ndarray:
+             guidance: float = 3.0, conditioning: str = "replace") -> np.ndarray:
     """A smaller video (uint8 [t, h', w', 3]) centred on the model's canvas, the border
     generated; the centre equals the input."""
     t, h, w = _video_shape(generator)
@@ -157,18 +164,19 @@ def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequen
     known[:, top:top + vh, left:left + vw] = video
     keep = np.zeros((t, h, w, 1), np.float32)
     keep[:, top:top + vh, left:left + vw] = 1.0
-    return _sample_known(generator, prompt, seeds, guidance, known, keep)
+    return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning)
 
 
 def cinemagraph(generator: Generator, image: np.ndarray, region: np.ndarray, prompt: str,
-                seeds: Sequence[int], guidance: float = 3.0) -> np.ndarray:
+                seeds: Sequence[int], guidance: float = 3.0,
+                conditioning: str = "replace") -> np.ndarray:
     """Videos where every frame equals `image` outside `region` ([h, w(, 1)], 1 = animate)
     and the region moves as the prompt says."""
     t, h, w = _video_shape(generator)
     image = fit_frame(image, h, w, "image")
     keep = np.broadcast_to(1.0 - _check_region(region, h, w), (t, h, w, 1))
     return _sample_known(generator, prompt, seeds, guidance, np.broadcast_to(image, (t, h, w, 3)),
-                         keep)
+                         keep, conditioning)
 
 
 def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float,

@@ -39,6 +39,10 @@ class Denoiser(nnx.Module):
     For the SSR, cond also holds 'low_res': [b, t, H/scale, W/scale, 3], the (augmented)
     low-resolution video, and 'aug_logsnr': [b], the log-SNR of its augmentation noise
     (+inf for none); diffusion.ssr.ssr_loss adds both in training.
+
+    For a STUNet with conditioning channels (the masked-input variant), cond may hold
+    'masked': [b, t, H, W, 4], the known pixels (zero elsewhere) and the mask (1 = known);
+    absent means nothing is known (diffusion.masks.masked_video builds it).
     """
 
     def __init__(self, text_encoder: T5Encoder, net: UNet | STUNet | SSR):
@@ -58,6 +62,12 @@ class Denoiser(nnx.Module):
                                  f"besides the text; {missing} missing (got {sorted(cond)})")
             return self.net(z, logsnr, cond["text"], cond["text_mask"], cond["low_res"],
                             cond["aug_logsnr"])
+        if isinstance(self.net, STUNet) and self.net.cfg.cond_channels:
+            return self.net(z, logsnr, cond["text"], cond["text_mask"], cond.get("masked"))
+        if "masked" in cond:
+            raise ValueError("cond has 'masked' (a masked video to condition on) but this model "
+                             "has no conditioning input: use model.temporal.cond_channels=4 and "
+                             "fine-tune it with masks (configs/shapes_stunet.py:masked)")
         return self.net(z, logsnr, cond["text"], cond["text_mask"])
 
 

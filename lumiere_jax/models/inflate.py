@@ -24,6 +24,7 @@ IMAGE_TO_VIDEO_RULES: tuple[tuple[str, str], ...] = (
     (r"^text_encoder/(.*)$", r"text_encoder/\1"),
 )
 NEW_PARAMS = r"^net/temporal/"
+SAME_NAME_RULES: tuple[tuple[str, str], ...] = ((r"^(.*)$", r"\1"),)  # same architecture
 
 
 class InflationError(ValueError):
@@ -75,7 +76,8 @@ def inflate(model: Denoiser, source: Mapping[str, Any], *,
             values[path] = src[src_path]
     unexpected = sorted(set(src) - matched)
     if missing or misshaped or unexpected:
-        lines = [f"cannot inflate from {where}: it is not the image model of this config"]
+        lines = [f"cannot initialise from {where}: its parameters do not fit this config's "
+                 "model"]
         for title, items in (("missing", missing), ("mis-shaped", misshaped),
                              ("unexpected (unused)", unexpected)):
             if items:

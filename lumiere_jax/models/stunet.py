@@ -37,13 +37,33 @@ class STUNetConfig:
     temporal_sampling_levels: tuple[int, ...] | None = None
     temporal_sampling_init: str = "nearest"  # "nearest" (average / repeat) or "random"
     temporal_conv: bool = True
+    # Spatial kernel size of a new per-frame convolution before the temporal taps: 1 (none)
+    # is the paper's 3x1x1 temporal convolution next to the frozen 3x3 one; 3 makes every
+    # temporal block a trainable (2+1)D convolution, whose spatial part can shift features
+    # between frames, i.e. express motion, without waiting on the frozen layers.
+    temporal_conv_spatial: int = 1
     temporal_attention: bool = True
     temporal_head_dim: int = 32
+    # Channels of a per-frame conditioning video (0: none). The paper's conditional variant
+    # for image-to-video and inpainting feeds the masked video and its mask (3 + 1 channels):
+    # a zero-initialised input convolution `temporal/cond_in` adds them to the U-Net's first
+    # features, which equals zero-padding the frozen first convolution's input channels and
+    # keeps the model unconditional until fine-tuned.
+    cond_channels: int = 0
+    # The temporal layers' own reading of the caption (TemporalTextPool), added to the
+    # per-video embedding their FiLM sees. Off in the paper's design, whose T5 and spatial
+    # layers already know motion words; needed where the frozen text path never learned them.
+    temporal_text: bool = False
 
     def __post_init__(self):
         if self.temporal_sampling_init not in ("nearest", "random"):
             raise ValueError("temporal_sampling_init must be 'nearest' or 'random', got "
                              f"{self.temporal_sampling_init!r}")
+        if self.temporal_conv_spatial < 1 or self.temporal_conv_spatial % 2 == 0:
+            raise ValueError("temporal_conv_spatial must be an odd kernel size >= 1, got "
+                             f"{self.temporal_conv_spatial}")
+        if self.cond_channels < 0:
+            raise ValueError(f"cond_channels must be >= 0, got {self.cond_channels}")
         bad = [lvl for lvl in self.sampling_levels if not 0 <= lvl < self.unet.num_levels - 1]
         if bad:
             raise ValueError(f"temporal_sampling_levels {bad}: only levels with a spatial "
@@ -84,8 +104,11 @@ class TemporalConv(nnx.Module):
     caption's motion words reach the temporal layers this way.
     """
 
-    def __init__(self, channels: int, groups: int, emb_dim: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, groups: int, emb_dim: int, dtype, rngs: nnx.Rngs,
+                 spatial: int = 1):
         self.norm1 = layers.GroupNorm(channels, groups, rngs=rngs)
+        self.spatial = (layers.Conv2d(channels, channels, spatial, dtype=dtype, rngs=rngs)
+                        if spatial > 1 else None)
         self.film = layers.Dense(emb_dim, 2 * channels, ("embed", "conv_out"), dtype=dtype,
                                  rngs=rngs)
         self.conv1 = layers.Dense(3 * channels, channels, ("conv_in", "conv_out"), dtype=dtype,
@@ -105,8 +128,10 @@ class TemporalConv(nnx.Module):
 
     def __call__(self, h: Array, emb: Array) -> Array:
         b = emb.shape[0]
-        y = layers.modulate(self.norm1(h), self.film(jax.nn.silu(emb)))
-        y = self.conv1(self._taps(jax.nn.silu(y), b))
+        y = jax.nn.silu(layers.modulate(self.norm1(h), self.film(jax.nn.silu(emb))))
+        if self.spatial is not None:
+            y = self.spatial(y)
+        y = self.conv1(self._taps(y, b))
         y = self.conv2(self._taps(jax.nn.silu(self.norm2(y)), b))
         return h + y.astype(h.dtype)
 
@@ -137,6 +162,34 @@ class TemporalAttention(nnx.Module):
         y = layers.attention(split(q), split(k), split(val)).reshape(b * hw, t, c)
         y = jnp.swapaxes(self.out(y).reshape(b, hw, t, c), 1, 2)
         return h + y.reshape(h.shape).astype(h.dtype)
+
+
+class TemporalTextPool(nnx.Module):
+    """Attention pooling of the caption's T5 tokens (a learned query per head) into a
+    per-video vector for the temporal layers.
+
+    The frozen embedding pools the text by a plain mean through a projection trained on still
+    images, in which the motion words carry almost nothing (two captions differing only in
+    "left" vs "right" differ by ~3% of its norm). Attention can pick those words out.
+    """
+
+    def __init__(self, text_dim: int, emb_dim: int, head_dim: int, dtype, rngs: nnx.Rngs):
+        self.heads = max(1, emb_dim // head_dim)
+        self.norm = layers.LayerNorm(text_dim, rngs=rngs)
+        self.query = nnx.Param(partitioned(nnx.initializers.normal(1.0), None, "heads")(
+            rngs.params(), (self.heads, emb_dim // self.heads)))
+        self.kv = layers.Dense(text_dim, 2 * emb_dim, ("embed", "heads"), dtype=dtype,
+                               rngs=rngs)
+        self.out = layers.Dense(emb_dim, emb_dim, ("heads", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, text: Array, text_mask: Array) -> Array:
+        """text: [b, L, Dt], text_mask: [b, L] -> [b, emb_dim]."""
+        b, length, _ = text.shape
+        k, v = jnp.split(self.kv(self.norm(text)), 2, axis=-1)
+        split = lambda a: a.reshape(b, length, self.heads, -1)  # noqa: E731
+        q = jnp.broadcast_to(self.query[...].astype(k.dtype), (b, 1, *self.query.shape))
+        y = layers.attention(q, split(k), split(v), text_mask)  # [b, 1, heads, d]
+        return self.out(y.reshape(b, -1))
 
 
 class TemporalDownsample(nnx.Module):
@@ -192,7 +245,14 @@ class TemporalLayers(nnx.Module):
                 self.blocks[name] = TemporalAttention(ch, cfg.temporal_head_dim, ucfg.emb_dim,
                                                       dtype, rngs)
             elif level < coarsest and cfg.temporal_conv:
-                self.blocks[name] = TemporalConv(ch, ucfg.groups, ucfg.emb_dim, dtype, rngs)
+                self.blocks[name] = TemporalConv(ch, ucfg.groups, ucfg.emb_dim, dtype, rngs,
+                                                 spatial=cfg.temporal_conv_spatial)
+        if cfg.temporal_text:
+            self.text_pool = TemporalTextPool(ucfg.text_dim, ucfg.emb_dim,
+                                              cfg.temporal_head_dim, dtype, rngs)
+        if cfg.cond_channels:
+            self.cond_in = layers.Conv2d(cfg.cond_channels, ucfg.channels, zero_init=True,
+                                         dtype=dtype, rngs=rngs)
         self.down = nnx.Dict()
         self.up = nnx.Dict()
         for level in cfg.sampling_levels:
@@ -204,6 +264,9 @@ class TemporalLayers(nnx.Module):
                 ucfg.level_channels(level + 1), cfg.temporal_sampling_init, rngs)
 
     # The U-Net's Hooks protocol.
+    def embed(self, emb: Array, text: Array, text_mask: Array) -> Array:
+        return emb + self.text_pool(text, text_mask) if hasattr(self, "text_pool") else emb
+
     def after_block(self, name: str, h: Array, emb: Array) -> Array:
         return self.blocks[name](h, emb) if name in self.blocks else h
 
@@ -222,9 +285,24 @@ class STUNet(nnx.Module):
         self.unet = UNet(cfg.unet, rngs=rngs)
         self.temporal = TemporalLayers(cfg, rngs=rngs)
 
-    def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array) -> Array:
+    def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array,
+                 cond_video: Array | None = None) -> Array:
+        """cond_video: [b, t, H, W, cond_channels] for a model with cond_channels (None: all
+        zeros, i.e. nothing known); must be None otherwise."""
         b, t = x.shape[:2]
         self.cfg.check_frames(t)
+        residual = None
+        if self.cfg.cond_channels:
+            shape = (*x.shape[:-1], self.cfg.cond_channels)
+            if cond_video is None:
+                cond_video = jnp.zeros(shape, x.dtype)
+            if cond_video.shape != shape:
+                raise ValueError(f"cond_video has shape {cond_video.shape}; this STUNet takes "
+                                 f"{shape} (the masked video and its mask, per frame)")
+            residual = self.temporal.cond_in(cond_video.reshape(b * t, *shape[2:]))
+        elif cond_video is not None:
+            raise ValueError("this STUNet has no conditioning input (model.temporal."
+                             "cond_channels=0); use a model fine-tuned with masks")
         out = self.unet(x.reshape(b * t, *x.shape[2:]), logsnr, text, text_mask,
-                        hooks=self.temporal)
+                        hooks=self.temporal, input_residual=residual)
         return out.reshape(b, t, *out.shape[1:])

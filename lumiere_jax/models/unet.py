@@ -91,8 +91,11 @@ class Hooks(Protocol):
     Each hook takes the activation `h: [b * t, H, W, C]` and returns the new activation (whose
     frame count t may change at down/up-samples). `after_block` also gets the per-video
     conditioning embedding `emb: [b, emb_dim]` (noise level and pooled text; b = videos), the
-    samplings only the video batch size b.
+    samplings only the video batch size b. `embed` gives the hooks' layers their own
+    embedding, computed once per call from the U-Net's and the text.
     """
+
+    def embed(self, emb: Array, text: Array, text_mask: Array) -> Array: ...
 
     def after_block(self, name: str, h: Array, emb: Array) -> Array: ...
 
@@ -183,12 +186,15 @@ class UNet(nnx.Module):
         return jax.checkpoint(run, policy=policy)(state, h, emb, text, text_mask)
 
     def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array,
-                 hooks: Hooks | None = None, extra_emb: Array | None = None) -> Array:
+                 hooks: Hooks | None = None, extra_emb: Array | None = None,
+                 input_residual: Array | None = None) -> Array:
         """x: [b * t, H, W, C] (t = 1 for images), logsnr: [b], text: [b, L, Dt],
         text_mask: [b, L] -> prediction [b * t, H, W, out_channels] (float32).
 
         extra_emb: optional [b, emb_dim] added to the per-example embedding, for conditioning
         a wrapping model owns (e.g. the SSR's augmentation noise level); None adds nothing.
+        input_residual: optional [b * t, H, W, channels] added to the first convolution's
+        output (the STUNet's conditioning input); None adds nothing.
         """
         b = logsnr.shape[0]
         n = self.cfg.num_levels
@@ -201,9 +207,15 @@ class UNet(nnx.Module):
                 raise ValueError(f"extra_emb has shape {extra_emb.shape}; it is added to the "
                                  f"embedding and must have shape {emb.shape} [b, emb_dim]")
             emb = emb + extra_emb.astype(emb.dtype)
-        after = (lambda name, h: hooks.after_block(name, h, emb)) if hooks else (lambda _, h: h)
+        if hooks:
+            hook_emb = hooks.embed(emb, text, text_mask)
+            after = lambda name, h: hooks.after_block(name, h, hook_emb)  # noqa: E731
+        else:
+            after = lambda _, h: h  # noqa: E731
 
         h = self.conv_in(x)
+        if input_residual is not None:
+            h = h + input_residual.astype(h.dtype)
         skips = [h]
         for level, blocks in enumerate(self.down):
             for j, block in enumerate(blocks):

@@ -17,7 +17,8 @@ from ml_collections import ConfigDict
 
 from lumiere_jax import config as config_lib
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser
-from lumiere_jax.models.inflate import inflate
+from lumiere_jax.models.inflate import SAME_NAME_RULES, inflate
+from lumiere_jax.models.unet import UNet
 from lumiere_jax.train.checkpoint import tree_checksum
 
 PARAMS_DIR = "params"
@@ -68,7 +69,17 @@ def load_export(directory: str) -> tuple[ConfigDict, Denoiser, dict]:
     return config, model, info
 
 
-def inflate_from_export(model: Denoiser, directory: str) -> dict:
-    """Inflates `model` (a STUNet denoiser) in place from an exported image model."""
-    _, image_model, _ = load_export(directory)
-    return inflate(model, nnx.to_pure_dict(nnx.state(image_model, nnx.Param)), where=directory)
+def inflate_from_export(model: Denoiser, directory: str, new_params: str = r"$^") -> dict:
+    """Initialises `model` in place from an export.
+
+    From an image model into a STUNet: inflation (spatial weights by name, `net/temporal` new).
+    From a model of the same kind (e.g. a STUNet into a STUNet that adds conditioning inputs,
+    an image model into one fine-tuned for a style): every parameter by its own name; those
+    matching `new_params` (a regex over paths) may be absent and keep their initialisation.
+    """
+    config, source_model, _ = load_export(directory)
+    source = nnx.to_pure_dict(nnx.state(source_model, nnx.Param))
+    if type(source_model.net) is UNet and type(model.net) is not UNet:
+        return inflate(model, source, where=directory)
+    return inflate(model, source, rules=SAME_NAME_RULES, new_params=new_params,
+                   where=f"{directory} (a {config.model.kind} model)")

@@ -42,11 +42,13 @@ from lumiere_jax import config as config_lib
 from lumiere_jax.data.pipeline import global_batch, training_dataset, world_from_config
 from lumiere_jax.data.synthetic import ShapesSource
 from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
+from lumiere_jax.diffusion.masks import MASK_KINDS, check_mask_kinds, masked_video, random_masks
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import downsample_video, ssr_loss
 from lumiere_jax.generate import Generator
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser, denoiser_builder
 from lumiere_jax.models.ssr import SSR
+from lumiere_jax.models.stunet import STUNet
 from lumiere_jax.parallel.mesh import (
     MeshError,
     batch_spec,
@@ -131,10 +133,13 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
                  null_tokens: dict[str, jax.Array]):
     """(params, frozen, batch, rng) -> (loss, aux): the denoising loss with caption dropout.
 
+    For a conditional STUNet (model.temporal.cond_channels), every clip also gets a random
+    mask of the kinds in train.mask_kinds (diffusion.masks) and the masked clip as input.
     For an SSR model, the SSR loss: its low-res condition is made from the batch's clips
     (downsampled, then noise-augmented at levels drawn from train.aug_range).
     """
     aug_range = tuple(train.get("aug_range", (0.0, 0.5)))
+    mask_kinds = check_mask_kinds(train.get("mask_kinds", MASK_KINDS))
 
     def loss_fn(params, frozen, batch, rng):
         model: Denoiser = nnx.merge(graphdef, params, frozen)
@@ -142,6 +147,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
         tokens = drop_condition({"ids": batch["ids"], "mask": batch["mask"]}, null_tokens,
                                 drop_rng, train.cond_drop)
         cond = model.encode_text(tokens["ids"], tokens["mask"])
+        if isinstance(model.net, STUNet) and model.net.cfg.cond_channels:
+            # The conditional variant: each clip with a random mask of its known pixels.
+            mask_rng, loss_rng = jax.random.split(loss_rng)
+            masks = random_masks(mask_rng, batch["pixels"].shape[:4], mask_kinds)
+            cond = {**cond, "masked": masked_video(batch["pixels"], masks)}
         if isinstance(model.net, SSR):
             return ssr_loss(model, batch["pixels"], cond, loss_rng, diffusion,
                             scale=model.net.cfg.scale, aug_range=aug_range,
@@ -339,9 +349,11 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     start = ckpt.latest_step()
     graphdef, params, frozen = init_sharded(config, mesh, rules)
     if start is None and config.get("init_from"):
-        model = nnx.merge(graphdef, params, frozen)
-        report = inflate_from_export(model, config.init_from)
-        logging.info("inflated %s: %s", config.init_from, report)
+        model = nnx.merge(graphdef, params, frozen, copy=True)  # keep params unaliased
+        # init_new_params: for an export of the same kind, the parameters it may lack.
+        report = inflate_from_export(model, config.init_from,
+                                     config.get("init_new_params", r"$^"))
+        logging.info("initialised from %s: %s", config.init_from, report)
         _, inflated_params, inflated_frozen = split_model(model, train_cfg.trainable)
         params = place_like(inflated_params, params)
         frozen = place_like(inflated_frozen, frozen)
