@@ -247,12 +247,10 @@ class TemporalLayers(nnx.Module):
             elif level < coarsest and cfg.temporal_conv:
                 self.blocks[name] = TemporalConv(ch, ucfg.groups, ucfg.emb_dim, dtype, rngs,
                                                  spatial=cfg.temporal_conv_spatial)
-        if cfg.temporal_text:
-            self.text_pool = TemporalTextPool(ucfg.text_dim, ucfg.emb_dim,
-                                              cfg.temporal_head_dim, dtype, rngs)
-        if cfg.cond_channels:
-            self.cond_in = layers.Conv2d(cfg.cond_channels, ucfg.channels, zero_init=True,
-                                         dtype=dtype, rngs=rngs)
+        self.text_pool = (TemporalTextPool(ucfg.text_dim, ucfg.emb_dim, cfg.temporal_head_dim,
+                                           dtype, rngs) if cfg.temporal_text else None)
+        self.cond_in = (layers.Conv2d(cfg.cond_channels, ucfg.channels, zero_init=True,
+                                      dtype=dtype, rngs=rngs) if cfg.cond_channels else None)
         self.down = nnx.Dict()
         self.up = nnx.Dict()
         for level in cfg.sampling_levels:
@@ -265,7 +263,7 @@ class TemporalLayers(nnx.Module):
 
     # The U-Net's Hooks protocol.
     def embed(self, emb: Array, text: Array, text_mask: Array) -> Array:
-        return emb + self.text_pool(text, text_mask) if hasattr(self, "text_pool") else emb
+        return emb if self.text_pool is None else emb + self.text_pool(text, text_mask)
 
     def after_block(self, name: str, h: Array, emb: Array) -> Array:
         return self.blocks[name](h, emb) if name in self.blocks else h
