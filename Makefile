@@ -1,4 +1,6 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Each builds .venv first.
+# Two entry points on a fresh machine: `make demo` and `make test`. Each builds .venv first,
+# with the test and bench extras (tests/test_bench_peer.py runs the bench's PyTorch peer; both
+# extras pin torch to its CPU build).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +14,7 @@ PYTEST_FLAGS ?= -q -n 2 --dist loadfile --durations=20
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,6 +31,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.bench_t5
 	$(PY) -m bench.bench_data
 	$(PY) -m bench.bench_sample
+	$(PY) -m bench.bench_peer
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache
