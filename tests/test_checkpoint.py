@@ -215,6 +215,13 @@ def test_frozen_checksum_and_reference_checks(tmp_path):
         read_frozen(FrozenRef(ref.path, "0" * 64), tree)
     with pytest.raises(FileNotFoundError, match="frozen weights not found"):
         read_frozen(FrozenRef(str(tmp_path / "moved"), ref.checksum), tree)
+    # A moved workdir: the recorded path is gone, the weights are found where they went.
+    moved = read_frozen(FrozenRef(str(tmp_path / "gone"), ref.checksum), tree,
+                        moved_to=tmp_path / "frozen")
+    np.testing.assert_array_equal(moved["a"], tree["a"])
+    with pytest.raises(ValueError, match="the directory was overwritten"):
+        read_frozen(FrozenRef(str(tmp_path / "gone"), "0" * 64), tree,
+                    moved_to=tmp_path / "frozen")
     with pytest.raises(CheckpointMismatchError,
                        match=r"a: stored \(2, 3\) float32, expected \(3, 2\)"):
         read_frozen(ref, {"a": jnp.zeros((3, 2)), "b": tree["b"]})

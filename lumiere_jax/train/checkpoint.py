@@ -301,13 +301,18 @@ def write_frozen(directory: str | os.PathLike, tree: Any) -> FrozenRef:
     return FrozenRef(str(path), checksum)
 
 
-def read_frozen(ref: FrozenRef, abstract_tree: Any) -> Any:
+def read_frozen(ref: FrozenRef, abstract_tree: Any,
+                moved_to: str | os.PathLike | None = None) -> Any:
     """Restores frozen weights in the structure (and shardings) of `abstract_tree`.
 
     Checks that the directory holds the weights `ref` names, that shapes and dtypes match,
-    and that the bytes read back hash to `ref.checksum`.
+    and that the bytes read back hash to `ref.checksum`. `moved_to`: where to look when the
+    recorded (absolute) path is gone, e.g. the `frozen/` of a workdir that was moved or
+    copied from another machine; the checksum still has to match.
     """
     path = epath.Path(ref.path)
+    if not path.exists() and moved_to is not None and epath.Path(moved_to).exists():
+        path = epath.Path(moved_to)
     if not path.exists():
         raise FileNotFoundError(
             f"frozen weights not found at {path} (referenced by the checkpoint metadata); "

@@ -446,7 +446,7 @@ def restore_train_state(ckpt: Checkpointer, step: int, state: TrainState, frozen
     state = _from_pure(state, items, step, mesh)
     if metadata.get("frozen"):
         frozen = _fill(frozen, read_frozen(FrozenRef.from_json(metadata["frozen"]),
-                                           _to_pure(frozen)))
+                                           _to_pure(frozen), ckpt.directory.parent / "frozen"))
     return state, frozen
 
 
@@ -598,5 +598,5 @@ def restore_model(config: ConfigDict, workdir: str, step: int | None = None,
         ckpt.close()
     if metadata.get("frozen"):
         frozen = _fill(frozen, read_frozen(FrozenRef.from_json(metadata["frozen"]),
-                                           _to_pure(frozen)))
+                                           _to_pure(frozen), epath.Path(workdir) / "frozen"))
     return nnx.merge(graphdef, _fill(params, items[name]), frozen), step
