@@ -21,7 +21,8 @@ Expected result: see README "Stage 2" for the measured PSNR against bicubic upsa
 the seam ratio with and without MultiDiffusion aggregation.
 
 Variants (`--config configs/shapes_ssr.py:ARG`): `smoke` (a few steps, for tests), and any
-key=value of: steps, batch, channels, window, overlap.
+key=value of: steps, batch, channels, window, overlap, base (the interpolation the residual is
+taken over: bilinear or bicubic).
 """
 
 from ml_collections import ConfigDict
@@ -31,7 +32,7 @@ from lumiere_jax.config import parse_config_arg
 
 def get_config(arg: str | None = None) -> ConfigDict:
     arg = parse_config_arg(arg, smoke=False, steps=1500, batch=4, channels=8, window=8,
-                           overlap=2)
+                           overlap=2, base="bilinear")
     c = ConfigDict()
     c.seed = 0
     # The high-resolution world (the base model's is the same world at 32x32).
@@ -46,7 +47,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                   remat="none"),
         temporal=dict(temporal_sampling_levels=(), temporal_conv=True,
                       temporal_attention=True, temporal_head_dim=32),
-        ssr=dict(scale=2, residual=True))
+        ssr=dict(scale=2, residual=True, residual_base=arg.base))
     # The residual is small (its variance is ~1/200 of a frame's), so at the usual noise
     # levels it is invisible: the schedule is shifted by +4 in log-SNR (as for a frame scaled
     # up ~7x), which moves training and sampling to the levels where the detail is decided.

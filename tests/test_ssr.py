@@ -1,6 +1,7 @@
 """Spatial super-resolution: the SSR network, its low-res conditioning, its loss, MultiDiffusion
 with per-frame conditioning, and the 'ssr' denoiser kind."""
 
+import dataclasses
 import functools
 
 import jax
@@ -249,8 +250,10 @@ def test_ssr_loss_builds_the_condition():
                  scale=2)
 
 
-def test_residual_ssr_loss_is_the_loss_of_the_residual_over_the_upsampled_input():
-    """residual=True is the plain SSR loss with the clip replaced by x - upsample(low-res)."""
+@pytest.mark.parametrize("base", ["bilinear", "bicubic"])
+def test_residual_ssr_loss_is_the_loss_of_the_residual_over_the_upsampled_input(base):
+    """residual=True is the plain SSR loss with the clip replaced by x - upsample(low-res),
+    the upsampling being residual_base's (bicubic clipped to the value range)."""
     diffusion = Diffusion()
     x_high = jnp.tanh(normal((3, 2, 8, 8, 3), 13))
     cond = {"text": jnp.zeros((3, 2, 4)), "text_mask": jnp.ones((3, 2), bool)}
@@ -259,9 +262,11 @@ def test_residual_ssr_loss_is_the_loss_of_the_residual_over_the_upsampled_input(
         return 0.3 * z + 0.1 * jnp.repeat(jnp.repeat(c["low_res"], 2, 2), 2, 3)
 
     rng = jax.random.key(3)
-    residual, _ = ssr_loss(model_fn, x_high, cond, rng, diffusion, scale=2, residual=True)
-    from lumiere_jax.models.ssr import upsample_video
-    r = x_high - upsample_video(downsample_video(x_high, 2), (8, 8))
+    residual, _ = ssr_loss(model_fn, x_high, cond, rng, diffusion, scale=2, residual=True,
+                           residual_base=base)
+    low_clean = downsample_video(x_high, 2)
+    up = jnp.clip(jax.image.resize(low_clean, (3, 2, 8, 8, 3), base), -1, 1)
+    r = x_high - up
     # The same rng split as ssr_loss: same levels and noise, the condition made from x_high.
     from lumiere_jax.diffusion import ssr as ssr_lib
     from lumiere_jax.diffusion.losses import diffusion_loss
@@ -274,6 +279,18 @@ def test_residual_ssr_loss_is_the_loss_of_the_residual_over_the_upsampled_input(
     plain, _ = ssr_loss(model_fn, x_high, cond, rng, diffusion, scale=2)
     assert abs(float(plain) - float(residual)) > 1e-3
     assert float(jnp.abs(r).mean()) < float(jnp.abs(x_high).mean())
+
+
+def test_residual_base_is_checked_and_bicubic_stays_in_range():
+    with pytest.raises(ValueError, match="residual_base must be one of"):
+        dataclasses.replace(CFG, residual_base="nearest")
+    edge = jnp.where(jnp.arange(8) < 4, -1.0, 1.0)[None, None, :, None, None]
+    low = jnp.broadcast_to(edge, (1, 1, 8, 8, 3))  # a hard edge: cubic overshoots it
+    raw = jax.image.resize(low, (1, 1, 16, 16, 3), "bicubic")
+    assert float(jnp.abs(raw).max()) > 1.05
+    up = upsample_video(low, (16, 16), "bicubic")
+    assert float(jnp.abs(up).max()) == 1.0
+    np.testing.assert_allclose(up, jnp.clip(raw, -1, 1))
 
 
 def test_ssr_loss_is_finite_differentiable_and_deterministic():

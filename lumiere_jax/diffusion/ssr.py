@@ -95,6 +95,7 @@ def ssr_loss(
     scale: int,
     aug_range: tuple[float, float] = (0.0, 0.5),
     residual: bool = False,
+    residual_base: str = "bilinear",
     mask: jax.Array | None = None,
     example_weight: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -109,8 +110,9 @@ def ssr_loss(
       diffusion: the diffusion settings; its schedule also maps augmentation times to logsnr.
       scale: the SSR's upsampling factor (the model's SSRConfig.scale).
       aug_range: augmentation time interval, uniform per example.
-      residual: denoise x_high - upsample_video(low-res) instead of x_high (SSRConfig.residual);
-        the residual is taken from the clean low-res video, the one sampling starts from.
+      residual: denoise x_high - upsample_video(low-res, residual_base) instead of x_high
+        (SSRConfig.residual and .residual_base); the residual is taken from the clean low-res
+        video, the one sampling starts from.
       mask, example_weight: as in losses.diffusion_loss.
     Returns:
       (scalar loss, aux): diffusion_loss's aux plus 'aug_logsnr' [b].
@@ -119,7 +121,8 @@ def ssr_loss(
     low_res = downsample_video(x_high, scale)
     target = x_high
     if residual:
-        target = x_high - upsample_video(low_res, x_high.shape[-3:-1]).astype(x_high.dtype)
+        base = upsample_video(low_res, x_high.shape[-3:-1], residual_base)
+        target = x_high - base.astype(x_high.dtype)
     aug_logsnr = sample_aug_logsnr(aug_rng, x_high.shape[0], diffusion, aug_range)
     low_res = augment_condition(low_res, aug_logsnr, noise_rng)
     loss, aux = diffusion_loss(model_fn, target, ssr_condition(cond, low_res, aug_logsnr),

@@ -41,6 +41,7 @@ from lumiere_jax.models.unet import UNet, UNetConfig
 Array = jax.Array
 
 UPSAMPLE_METHOD = "bilinear"
+RESIDUAL_BASES = ("bilinear", "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +50,19 @@ class SSRConfig:
     (temporal_sampling_levels=()) and the U-Net must take the upsampled low-res video as
     extra input channels (unet.extra_in_channels = unet.in_channels).
     scale: the upsampling factor per spatial axis (e.g. 4: 128x128 -> 512x512).
-    residual: the diffusion runs on the residual x - upsample_video(low_res) instead of x
-    (as in SRDiff, Li et al. 2022): the network only has to generate the detail the
-    interpolation lacks, and a residual of 0, its easiest output, is already the bilinear
-    upsampling. ssr_loss and the Generator read it; the network itself is the same."""
+    residual: the diffusion runs on the residual x - upsample_video(low_res, residual_base)
+    instead of x (as in SRDiff, Li et al. 2022): the network only has to generate the detail
+    the interpolation lacks, and a residual of 0, its easiest output, is already the
+    interpolation. ssr_loss and the Generator read it; the network itself is the same.
+    residual_base: the interpolation the residual is taken over, 'bilinear' or 'bicubic'
+    (clipped to [-1, 1]); the closer it is to the truth, the less the network must add. The
+    network's own condition input stays bilinear (see the module docstring)."""
 
     stunet: STUNetConfig = STUNetConfig(unet=UNetConfig(extra_in_channels=3),
                                         temporal_sampling_levels=())
     scale: int = 4
     residual: bool = False
+    residual_base: str = UPSAMPLE_METHOD
 
     def __post_init__(self):
         if self.stunet.sampling_levels:
@@ -74,21 +79,26 @@ class SSRConfig:
         if not isinstance(self.scale, int) or isinstance(self.scale, bool) or self.scale < 1:
             raise ValueError(f"SSR: scale is the integer upsampling factor per spatial axis "
                              f"(e.g. 2 or 4), got {self.scale!r}")
+        if self.residual_base not in RESIDUAL_BASES:
+            raise ValueError(f"SSR: residual_base must be one of {RESIDUAL_BASES}, got "
+                             f"{self.residual_base!r}")
 
     @property
     def unet(self) -> UNetConfig:
         return self.stunet.unet
 
 
-def upsample_video(low_res: Array, size: tuple[int, int]) -> Array:
-    """[..., h, w, c] -> [..., *size, c] by bilinear interpolation (no parameters).
+def upsample_video(low_res: Array, size: tuple[int, int],
+                   method: str = UPSAMPLE_METHOD) -> Array:
+    """[..., h, w, c] -> [..., *size, c] by bilinear (default) or bicubic interpolation (no
+    parameters); bicubic is clipped to [-1, 1], the range it overshoots at hard edges.
 
     Half-pixel centres, matching diffusion.ssr.downsample_video's box average: low-res pixel
     i sits at the centre of high-res block i, so the condition is not shifted. Only the two
     spatial axes are resized (jax.image.resize leaves axes of unchanged size alone).
     """
-    return jax.image.resize(low_res, (*low_res.shape[:-3], *size, low_res.shape[-1]),
-                            UPSAMPLE_METHOD)
+    up = jax.image.resize(low_res, (*low_res.shape[:-3], *size, low_res.shape[-1]), method)
+    return up if method == "bilinear" else jnp.clip(up, -1.0, 1.0)
 
 
 class SSR(nnx.Module):

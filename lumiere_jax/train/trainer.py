@@ -155,7 +155,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
         if isinstance(model.net, SSR):
             return ssr_loss(model, batch["pixels"], cond, loss_rng, diffusion,
                             scale=model.net.cfg.scale, aug_range=aug_range,
-                            residual=model.net.cfg.residual)
+                            residual=model.net.cfg.residual,
+                            residual_base=model.net.cfg.residual_base)
         return diffusion_loss(model, batch["pixels"], cond, loss_rng, diffusion)
 
     return loss_fn
