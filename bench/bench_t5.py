@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.timing import compiled_flops, matmul_peak, median_seconds
+from bench.timing import matmul_peak, median_seconds
 from lumiere_jax.text.t5 import T5Encoder, count_params, get_preset
+from lumiere_jax.train.trainer import step_flops
 
 
 def bench_encoder(preset: str, dtype: str, batch: int, length: int, runs: int) -> dict:
@@ -28,7 +29,8 @@ def bench_encoder(preset: str, dtype: str, batch: int, length: int, runs: int) -
     ids = jnp.asarray(rng.integers(3, config.vocab_size, (batch, length)), jnp.int32)
     mask = jnp.ones((batch, length), bool)
     encode = jax.jit(lambda p, i, m: nnx.merge(graphdef, p)(i, m))
-    flops = compiled_flops(encode.lower(params, ids, mask).compile())
+    lowered = encode.lower(params, ids, mask)
+    flops = step_flops(lowered, lowered.compile(), 1)
     seconds = median_seconds(encode, params, ids, mask, runs=runs)
     return {"dtype": dtype, "seconds": seconds, "flops": flops,
             "params": count_params(config), "config": config}

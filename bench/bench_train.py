@@ -3,13 +3,16 @@
 Each row is the trainer's own jitted step (loss, gradients of the trainable parameters, AdamW,
 EMA) on one device, with random weights and a batch of random pixels and caption tokens (the
 cost depends on shapes only). Compilation and one warm-up call are excluded; times are medians.
-FLOPs come from XLA's cost analysis of the compiled step; the reference is a jitted fp32
-square matmul timed in the same process, before and after the rows (the better kept).
+FLOPs come from XLA's cost analysis of the lowered step (the same count on every backend);
+the reference is a jitted square matmul in the same dtype timed in the same process, before
+and after the rows (the better kept).
 
 Parts:
   steps   tiny and mid STUNet (stage 1, temporal layers trained) and the stage-0 U-Net;
           rows for the forward pass alone, the step as trained (frozen spatial weights) and
-          the step with every parameter trained, to show what freezing saves.
+          the step with every parameter trained, to show what freezing saves. `--models`,
+          `--variants` and `--dtypes` pick rows (an accelerator run adds the large STUNet
+          and bfloat16; each dtype's rows are divided by that dtype's matmul peak).
   frames  the stage-1 step at 8..80 frames (fixed resolution and width): time, peak memory
           from the compiled memory analysis, and a least-squares fit time = a + b * frames.
   remat   peak memory with and without rematerialisation of the U-Net blocks, and the
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.timing import compiled_flops, median_seconds, peak_flops
+from bench.timing import median_seconds, peak_flops
 from lumiere_jax import config as config_lib
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.parallel.mesh import make_mesh, mesh_rules
@@ -37,14 +41,21 @@ from lumiere_jax.train.trainer import (
     make_loss_fn,
     make_optimizer,
     make_train_step,
+    step_flops,
 )
 
 STUNET = "configs/shapes_stunet.py"
-CONFIGS = {  # name -> (config file:arg, description)
-    "stage-0 U-Net": ("configs/shapes_t2i.py", "32x32 images, channels 16, batch 8"),
-    "tiny STUNet": (f"{STUNET}:batch=4", "16x32x32, channels 16, batch 4"),
-    "mid STUNet": (f"{STUNET}:batch=4,channels=64", "16x32x32, channels 64, batch 4"),
+LARGE = ("world.height=64", "world.width=64")
+CONFIGS = {  # name -> (config file:arg, overrides, description)
+    "stage-0 U-Net": ("configs/shapes_t2i.py", (), "32x32 images, channels 16, batch 8"),
+    "tiny STUNet": (f"{STUNET}:batch=4", (), "16x32x32, channels 16, batch 4"),
+    "mid STUNet": (f"{STUNET}:batch=4,channels=64", (), "16x32x32, channels 64, batch 4"),
+    "large STUNet": (f"{STUNET}:batch=8,channels=128", LARGE,
+                     "16x64x64, channels 128, batch 8 (for accelerators)"),
 }
+DEFAULT_MODELS = "stage-0 U-Net,tiny STUNet,mid STUNet"
+VARIANTS = {"forward": "forward (loss only)", "step": "step, trained as configured",
+            "all": "step, every parameter trained"}
 ALL_PARAMS = ".*"
 
 
@@ -52,6 +63,7 @@ ALL_PARAMS = ".*"
 class Row:
     name: str
     variant: str
+    dtype: str
     seconds: float
     flops: float
     examples: int
@@ -78,8 +90,9 @@ def random_batch(config, batch_size: int) -> dict[str, jax.Array]:
 
 
 def compile_step(config, forward_only: bool = False):
-    """(compiled, fn, args): the trainer's step (or its loss alone) for `config` on one
-    device; `fn(*args)` runs it."""
+    """(compiled, fn, args, flops): the trainer's step (or its loss alone) for `config` on one
+    device; `fn(*args)` runs it. FLOPs are counted on the lowered program, the same on every
+    backend that counts it (see trainer.step_flops)."""
     train = config.train
     mesh = make_mesh(config.mesh, jax.devices()[:1])
     graphdef, params, frozen = init_sharded(config, mesh, mesh_rules(config.mesh))
@@ -89,18 +102,20 @@ def compile_step(config, forward_only: bool = False):
     rng = jax.random.key(0)
     if forward_only:
         loss = make_loss_fn(graphdef, diffusion, train, null_tokens(config))
-        compiled = jax.jit(lambda *a: loss(*a)[0]).lower(params, frozen, batch, rng).compile()
-        return compiled, compiled, (params, frozen, batch, rng)
+        lowered = jax.jit(lambda *a: loss(*a)[0]).lower(params, frozen, batch, rng)
+        compiled = lowered.compile()
+        return compiled, compiled, (params, frozen, batch, rng), step_flops(lowered, compiled, 1)
     state = init_state(params, tx, mesh)
     step = make_train_step(graphdef, tx, diffusion, train, null_tokens(config))
-    compiled = step.lower(state, frozen, batch, rng).compile()
+    lowered = step.lower(state, frozen, batch, rng)
+    compiled = lowered.compile()
     carry = [state]
 
     def run(*rest):  # the step donates its state: chain it, as the trainer does
         carry[0], metrics = compiled(carry[0], *rest)
         return metrics
 
-    return compiled, run, (frozen, batch, rng)
+    return compiled, run, (frozen, batch, rng), step_flops(lowered, compiled, 1)
 
 
 def peak_bytes(compiled) -> int:
@@ -110,29 +125,41 @@ def peak_bytes(compiled) -> int:
 
 
 def measure(name: str, variant: str, config, runs: int, **kw) -> Row:
-    compiled, fn, args = compile_step(config, **kw)
+    start = time.perf_counter()
+    compiled, fn, args, flops = compile_step(config, **kw)
+    compile_seconds = time.perf_counter() - start
     seconds = median_seconds(fn, *args, runs=runs)
     batch = config.train.batch_size
     frames = batch * (1 if config.model.kind == "unet" else config.world.num_frames)
-    return Row(name, variant, seconds, compiled_flops(compiled), batch, frames,
-               peak_bytes(compiled))
+    row = Row(name, variant, config.model.unet.dtype, seconds, flops, batch,
+              frames, peak_bytes(compiled))
+    print(f"  measured {name} / {variant} / {row.dtype}: {seconds * 1e3:.1f} ms "
+          f"(compiled in {compile_seconds:.0f} s)", flush=True)
+    return row
 
 
-def part_steps(runs: int) -> list[Row]:
+def part_steps(models: list[str], variants: list[str], dtypes: list[str],
+               runs: int) -> list[Row]:
     rows = []
-    for name, (spec, _) in CONFIGS.items():
-        config = load(spec)
-        rows.append(measure(name, "forward (loss only)", config, runs, forward_only=True))
-        rows.append(measure(name, "step, trained as configured", config, runs))
-        if config.model.kind == "stunet":
-            rows.append(measure(name, "step, every parameter trained",
-                                load(spec, [f"train.trainable={ALL_PARAMS}"]), runs))
+    for name in models:
+        spec, overrides, _ = CONFIGS[name]
+        for dtype in dtypes:
+            base = [*overrides, f"model.unet.dtype={dtype}"]
+            for variant in variants:
+                if variant == "all" and load(spec).model.kind != "stunet":
+                    continue  # stage 0 trains every parameter already
+                extra = [f"train.trainable={ALL_PARAMS}"] if variant == "all" else []
+                rows.append(measure(name, VARIANTS[variant], load(spec, base + extra), runs,
+                                    forward_only=variant == "forward"))
     return rows
 
 
-def part_frames(frame_counts: list[int], runs: int) -> list[Row]:
-    return [measure("tiny STUNet, batch 1", f"{f} frames",
-                    load(f"{STUNET}:batch=1", [f"world.num_frames={f}"]), runs)
+def part_frames(model: str, dtype: str, frame_counts: list[int], runs: int) -> list[Row]:
+    spec, overrides, _ = CONFIGS[model]
+    spec = spec.replace("batch=4", "batch=1").replace("batch=8", "batch=1")
+    return [measure(f"{model}, batch 1", f"{f} frames",
+                    load(spec, [*overrides, f"model.unet.dtype={dtype}",
+                                f"world.num_frames={f}"]), runs)
             for f in frame_counts]
 
 
@@ -147,15 +174,16 @@ def part_remat(frame_counts: list[int]) -> list[tuple[int, str, int]]:
     return out
 
 
-def print_rows(rows: list[Row], peak: float) -> None:
-    print("| model | variant | ms / step | examples / s | frames / s | GFLOP / step (XLA) "
-          "| GFLOP/s | fraction of matmul peak | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def print_rows(rows: list[Row], peaks: dict[str, float]) -> None:
+    print("| model | variant | dtype | ms / step | examples / s | frames / s | GFLOP / step (XLA) "
+          "| GFLOP/s | fraction of same-dtype matmul peak | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         achieved = r.flops / r.seconds
-        print(f"| {r.name} | {r.variant} | {r.seconds * 1e3:.0f} | {r.examples / r.seconds:.1f} "
-              f"| {r.frames / r.seconds:.0f} | {r.flops / 1e9:.2f} | {achieved / 1e9:.1f} "
-              f"| {achieved / peak:.2f} | {r.peak_bytes / 2**20:.0f} |")
+        print(f"| {r.name} | {r.variant} | {r.dtype} | {r.seconds * 1e3:.1f} "
+              f"| {r.examples / r.seconds:.1f} | {r.frames / r.seconds:.0f} "
+              f"| {r.flops / 1e9:.2f} | {achieved / 1e9:.1f} | {achieved / peaks[r.dtype]:.3f} "
+              f"| {r.peak_bytes / 2**20:.0f} |")
 
 
 def print_frames(rows: list[Row]) -> None:
@@ -172,6 +200,12 @@ def print_frames(rows: list[Row]) -> None:
 
 
 def print_remat(rows, budget_gib: float) -> None:
+    if jax.devices()[0].platform == "cpu":
+        # Measured: the stage-0 step's temporaries are 412.8 MB with remat none, block or dots.
+        print("\nOn CPU the two policies give the same peak: the compiled CPU program has none "
+              "of the optimization barriers jax.checkpoint puts around the recomputation, so "
+              "nothing keeps it out of the forward pass (its FLOPs are still paid). Measure "
+              "remat on an accelerator.")
     print("\n| frames | remat | peak memory (MiB) |\n|---|---|---|")
     for f, policy, nbytes in rows:
         print(f"| {f} | {policy} | {nbytes / 2**20:.0f} |")
@@ -191,19 +225,44 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--frames", default="8,16,32,64,80")
     parser.add_argument("--budget_gib", type=float, default=16.0)
+    parser.add_argument("--models", default=DEFAULT_MODELS,
+                        help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--variants", default="forward,step,all",
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16")
+    parser.add_argument("--frames_model", default="tiny STUNet", choices=list(CONFIGS))
+    parser.add_argument("--peak_size", type=int, default=1024,
+                        help="side of the square matmul that measures the peak (8192 on a GPU)")
     args = parser.parse_args()
     frame_counts = [int(f) for f in args.frames.split(",")]
+    models, variants = args.models.split(","), args.variants.split(",")
+    dtypes = args.dtypes.split(",")
+    for name in models:
+        if name not in CONFIGS:
+            parser.error(f"unknown model {name!r}; choose from {', '.join(CONFIGS)}")
+    for variant in variants:
+        if variant not in VARIANTS:
+            parser.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
     device = jax.devices()[0]
     print(f"{device.platform} x1 ({device.device_kind}), jax {jax.__version__}; median of "
-          f"{args.runs} steps after warm-up, random weights and batch.")
-    peak_before = peak_flops(args.runs)
-    steps = part_steps(args.runs) if args.part in ("steps", "all") else []
-    frames = part_frames(frame_counts, args.runs) if args.part in ("frames", "all") else []
-    peak = max(peak_before, peak_flops(args.runs))
-    print(f"Same-run fp32 matmul peak (1024^3, jitted): {peak / 1e9:.1f} GFLOP/s.\n")
-    for name, (spec, what) in CONFIGS.items():
-        print(f"- {name}: `{spec}` ({what})")
+          f"{args.runs} steps after warm-up, random weights and batch.", flush=True)
+
+    def peaks() -> dict[str, float]:
+        return {d: peak_flops(args.runs, args.peak_size, jnp.dtype(d)) for d in dtypes}
+
+    peak_before = peaks()
+    steps = (part_steps(models, variants, dtypes, args.runs)
+             if args.part in ("steps", "all") else [])
+    frames = (part_frames(args.frames_model, dtypes[-1], frame_counts, args.runs)
+              if args.part in ("frames", "all") else [])
+    peak = {d: max(p, peak_before[d]) for d, p in peaks().items()}
+    for d, p in peak.items():
+        print(f"Same-run {d} matmul peak ({args.peak_size}^3, jitted): {p / 1e9:.1f} GFLOP/s.")
+    print()
+    for name in dict.fromkeys(models + ([args.frames_model] if frames else [])):
+        spec, overrides, what = CONFIGS[name]
+        print(f"- {name}: `{' '.join([spec, *overrides])}` ({what})")
     if steps:
         print()
         print_rows(steps, peak)

@@ -22,14 +22,6 @@ def median_seconds(fn, *args, runs: int) -> float:
     return statistics.median(times)
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs of a compiled computation by XLA's cost analysis."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
-        analysis = analysis[0]
-    return float(analysis["flops"])
-
-
 def matmul_peak(m: int, k: int, n: int, runs: int, dtype=jnp.float32) -> float:
     """FLOP/s of a jitted [m, k] x [k, n] matmul."""
     rng = np.random.default_rng(0)
@@ -38,7 +30,7 @@ def matmul_peak(m: int, k: int, n: int, runs: int, dtype=jnp.float32) -> float:
     return 2.0 * m * k * n / median_seconds(jax.jit(jnp.matmul), a, b, runs=runs)
 
 
-def peak_flops(runs: int = 5, size: int = 1024) -> float:
-    """The machine's fp32 matmul peak: the best of two measurements of a square matmul, so a
-    burst of load from another process during one of them does not set it."""
-    return max(matmul_peak(size, size, size, runs) for _ in range(2))
+def peak_flops(runs: int = 5, size: int = 1024, dtype=jnp.float32) -> float:
+    """The machine's matmul peak in `dtype`: the best of two measurements of a square matmul,
+    so a burst of load from another process during one of them does not set it."""
+    return max(matmul_peak(size, size, size, runs, dtype) for _ in range(2))

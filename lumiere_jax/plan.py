@@ -61,10 +61,10 @@ from lumiere_jax.parallel.mesh import (
 from lumiere_jax.parallel.sharding import logical_specs
 from lumiere_jax.train.trainer import (
     TrainState,
-    compiled_flops,
     make_loss_fn,
     make_optimizer,
     make_train_step,
+    program_flops,
     split_model,
     state_specs,
 )
@@ -276,7 +276,7 @@ def plan(config: ConfigDict, mesh_shape: Mapping[str, int] | None = None,
         memory = {key: int(getattr(analysis, f"{key}_size_in_bytes"))
                   for key in ("argument", "output", "alias", "temp", "generated_code")}
         # The optimised, partitioned program of one device (collectives included).
-        memory["flops_per_device"] = compiled_flops(compiled)
+        memory["flops_per_device"] = program_flops(compiled)
         rows.append(("activations + gradients + temporaries", memory["temp"],
                      "compiled memory analysis"))
     else:
