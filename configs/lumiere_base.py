@@ -67,7 +67,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         trainable="temporal",  # stage 1: the spatial (text-to-image) weights stay frozen
         log_every=100, ckpt_every=2000, sample_every=0, max_to_keep=3, keep_period=50_000,
         grad_accum=1, preemption=True, progress=False)
-    c.sample = dict(sampler="ddim", steps=256, guidance=8.0, batch_size=4)
+    c.sample = dict(sampler="ddim", steps=256, guidance=8.0, batch_size=4,
+                    devices=0)  # 0: each batch split over all local devices, 1: one
     c.eval = dict(num_samples=96, seed=1000)
     # Mesh sizes within a slice (-1 = the rest of the devices): parameters and optimizer state
     # over fsdp. mesh.dcn: sizes across slices (multi-slice: e.g. dcn.data=2 for two slices

@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         grad_accum=1, preemption=True, progress=True)
     c.mesh = dict(data=1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())
     c.sample = dict(sampler="ddim", steps=20, guidance=1.0, batch_size=16, window=arg.window,
-                    overlap=arg.overlap, window_weights="uniform", aug_time=0.1)
+                    overlap=arg.overlap, window_weights="uniform", aug_time=0.1,
+                    devices=0)  # 0: each batch split over all local devices, 1: one
     c.eval = dict(num_samples=16, seed=1000)
     if arg.smoke:
         c.train.update(steps=4, decay_steps=6, batch_size=2, log_every=1, ckpt_every=2,

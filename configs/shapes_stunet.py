@@ -86,7 +86,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # One device (a tiny model gains nothing from more on a CPU); `--config.mesh.data=-1` uses
     # them all. mesh.dcn: sizes across slices; mesh.rules: logical-axis rules before the defaults.
     c.mesh = dict(data=1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())
-    c.sample = dict(sampler="ddim", steps=20, guidance=3.0, batch_size=16)
+    c.sample = dict(sampler="ddim", steps=20, guidance=3.0, batch_size=16,
+                    devices=0)  # 0: each batch split over all local devices, 1: one
     c.eval = dict(num_samples=96, seed=1000)
     if arg.smoke:
         c.train.update(steps=4, decay_steps=6, batch_size=2, log_every=1, ckpt_every=2,

@@ -59,7 +59,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         log_every=50, ckpt_every=100, sample_every=0, max_to_keep=1, keep_period=0,
         grad_accum=1, preemption=True, progress=True)
     c.mesh = dict(data=1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())
-    c.sample = dict(sampler="ddim", steps=20, guidance=3.0, batch_size=64)
+    c.sample = dict(sampler="ddim", steps=20, guidance=3.0, batch_size=64,
+                    devices=0)  # 0: each batch split over all local devices, 1: one
     c.eval = dict(num_samples=32, seed=1000)
     if arg.smoke:
         c.train.update(steps=3, decay_steps=3, batch_size=4, log_every=1, ckpt_every=3,

@@ -10,17 +10,27 @@ then sees `window` frames at a time and the overlapping windows are reconciled a
 The SSR stage is sampled this way, with the low-resolution video as per-frame conditioning:
 it is noised to the fixed augmentation level `aug_logsnr` (as in training) and cut into the
 same windows as the high-resolution sample.
+
+Data-parallel sampling (`devices`): each batch is split over a process's local devices, the
+model replicated on each, so N devices sample N times the examples in the same time. A batch
+of n examples on up to D devices runs ceil(n / D) examples per device on the fewest devices
+that allows, padded with its last example where the split is uneven (the padding is dropped
+from the output). The outputs equal one device's: each example's noise comes from its own seed,
+and a padded batch only appends examples, which leaves the earlier ones' per-batch noise as it
+was (JAX's partitionable threefry, the default, draws noise independently of the shape and
+sharding of the batch).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from lumiere_jax.diffusion import schedules
@@ -35,7 +45,13 @@ from lumiere_jax.diffusion.ssr import augment_condition
 from lumiere_jax.models.denoiser import Denoiser
 from lumiere_jax.models.ssr import SSR, upsample_video
 from lumiere_jax.models.stunet import STUNet
-from lumiere_jax.parallel.mesh import host_replicated, local_value, replicated
+from lumiere_jax.parallel.mesh import (
+    batch_spec,
+    data_mesh,
+    host_replicated,
+    local_value,
+    replicated,
+)
 from lumiere_jax.text.encoder import NULL_PROMPT
 from lumiere_jax.text.tokenizers import Tokenizer
 
@@ -48,12 +64,18 @@ class Generator:
     With a `mesh` (the model's parameters sharded on it, e.g. during training), the inputs
     are replicated over the mesh and so is the output, so every process of a multi-process
     job can call it and read the samples.
+
+    With `devices` (data-parallel sampling; see the module docstring), the model is replicated
+    on this process's devices and each batch is split over them: an int samples on the first
+    `devices` local devices (0: all of them), a list on those devices. Without either, every
+    batch runs on the default device.
     """
 
     def __init__(self, model: Denoiser, diffusion: Diffusion, tokenizer: Tokenizer,
                  max_length: int, sample_shape: Sequence[int], *, sampler: str = "ddim",
                  steps: int = 25, batch_size: int = 32, mesh: Mesh | None = None,
-                 window: int = 0, overlap: int = 2, window_weights: str = "uniform",
+                 devices: int | Sequence[jax.Device] | None = None, window: int = 0,
+                 overlap: int = 2, window_weights: str = "uniform",
                  aug_logsnr: float = float("inf")):
         """window: MultiDiffusion window in frames (0: the whole clip); overlap and
         window_weights as in diffusion.multidiffusion. aug_logsnr: the SSR's conditioning
@@ -68,6 +90,7 @@ class Generator:
         self.frame_correlation = diffusion.frame_correlation  # of each seed's starting noise
         self.scale = model.net.cfg.scale if isinstance(model.net, SSR) else None
         residual = self.scale is not None and model.net.cfg.residual
+        residual_base = model.net.cfg.residual_base if residual else None
         frames = self.sample_shape[0] if len(self.sample_shape) == 4 else 1
         window = window or frames
         if len(self.sample_shape) == 3 and window != 1:
@@ -79,17 +102,8 @@ class Generator:
         null = tokenizer.encode_batch([NULL_PROMPT], max_length)
         self.null_tokens = (jnp.asarray(null.ids), jnp.asarray(null.mask))
 
-        def run(state, ids, mask, null_ids, null_mask, z_init, rng, scale, low_res, edit,
-                start_t, use_guidance, conditioning):
-            model: Denoiser = nnx.merge(self.graphdef, state)
-            cond = model.encode_text(ids, mask)
-            null_cond = broadcast_null_condition(model.encode_text(null_ids, null_mask), cond)
-            aug = jnp.full((z_init.shape[0],), aug_logsnr, jnp.float32)
-
-            edit = edit or {}
-            if "known" in edit and conditioning != "replace":  # the model sees the known part
-                masked = {"masked": masked_video(edit["known"], edit["known_mask"])}
-                cond, null_cond = {**cond, **masked}, {**null_cond, **masked}
+        def denoiser(model, cond, null_cond, scale, aug, low_res, use_guidance):
+            """fn(z, logsnr): the guided prediction (MultiDiffusion windows for a video)."""
 
             def guided(z, logsnr, low_res_window=None):
                 c, n = cond, null_cond
@@ -101,16 +115,53 @@ class Generator:
                     return model(z, jnp.broadcast_to(logsnr, (z.shape[0],)), c)
                 return classifier_free_guidance(model, c, n, scale)(z, logsnr)
 
+            if len(self.sample_shape) == 4:
+                return multidiffusion(guided, frames, window, overlap, window_weights,
+                                      frame_cond=low_res)
+            return guided
+
+        def local_prediction(state, z, logsnr, cond, null_cond, scale, aug, low_res, *,
+                             use_guidance):
+            """The prediction for one device's examples (data-parallel sampling)."""
+            model: Denoiser = nnx.merge(self.graphdef, state)
+            return denoiser(model, cond, null_cond, scale, aug, low_res, use_guidance)(z, logsnr)
+
+        def run(state, ids, mask, null_ids, null_mask, z_init, rng, scale, low_res, edit,
+                start_t, use_guidance, conditioning, batch_mesh):
+            model: Denoiser = nnx.merge(self.graphdef, state)
+            cond = model.encode_text(ids, mask)
+            null_cond = broadcast_null_condition(model.encode_text(null_ids, null_mask), cond)
+            aug = jnp.full((z_init.shape[0],), aug_logsnr, jnp.float32)
+
+            edit = edit or {}
+            if "known" in edit and conditioning != "replace":  # the model sees the known part
+                masked = {"masked": masked_video(edit["known"], edit["known_mask"])}
+                cond, null_cond = {**cond, **masked}, {**null_cond, **masked}
+
             base = None
             if low_res is not None:
                 if residual:  # the sample is the residual over the given video, upsampled
-                    base = upsample_video(low_res, z_init.shape[-3:-1])
+                    base = upsample_video(low_res, z_init.shape[-3:-1], residual_base)
                 aug_rng, rng = jax.random.split(rng)
                 low_res = augment_condition(low_res, aug, aug_rng)
-            fn = guided
-            if z_init.ndim == 5:
-                fn = multidiffusion(guided, frames, window, overlap, window_weights,
-                                    frame_cond=low_res)
+
+            if batch_mesh is None:
+                fn = denoiser(model, cond, null_cond, scale, aug, low_res, use_guidance)
+            else:
+                # Data-parallel: every device runs the network on its own examples alone (no
+                # window or guidance batch is ever gathered). The sampler around it, with its
+                # per-example arithmetic and its noise (drawn the same whatever the sharding),
+                # stays one SPMD program over the whole batch.
+                batch = batch_spec(batch_mesh)
+                step = jax.shard_map(
+                    functools.partial(local_prediction, use_guidance=use_guidance),
+                    mesh=batch_mesh, in_specs=(PartitionSpec(), *[batch] * 7),
+                    out_specs=batch)
+
+                def fn(z, logsnr):  # one level per example, split like z
+                    logsnr = jnp.broadcast_to(logsnr, (z.shape[0],))
+                    return step(state, z, logsnr, cond, null_cond, scale, aug, low_res)
+
             if "init" in edit and start_t < 1.0:  # SDEdit: the input noised to start_t
                 alpha, sigma = schedules.alpha_sigma(
                     schedules.per_example(diffusion.logsnr(start_t), z_init))
@@ -122,9 +173,17 @@ class Generator:
             return x if base is None else jnp.clip(base + x, -1.0, 1.0)
 
         self.mesh = mesh
+        self.devices = None if devices is None else sampling_devices(devices)
+        if mesh is not None and self.devices is not None:
+            raise ValueError("give the Generator a mesh (the model sharded on it, every example "
+                             "on every device) or devices (the examples split over them), not "
+                             "both")
+        self._placements: dict[int, tuple[Mesh, nnx.State]] = {}
+        if self.devices is not None:
+            self.state = self._replicate(self.state)
         out = {} if mesh is None else {"out_shardings": replicated(mesh)}
-        self._run = jax.jit(run, static_argnames=("start_t", "use_guidance", "conditioning"),
-                            **out)
+        self._run = jax.jit(run, static_argnames=("start_t", "use_guidance", "conditioning",
+                                                  "batch_mesh"), **out)
         self.conditional = isinstance(model.net, STUNet) and model.net.cfg.cond_channels > 0
         self.window = window
 
@@ -132,7 +191,52 @@ class Generator:
         """Use these parameter states (e.g. the EMA and the frozen weights) from now on."""
         nnx.update(model := nnx.merge(self.graphdef, self.state), *states)
         self.state = nnx.state(model)
+        if self.devices is not None:
+            self.state = self._replicate(self.state)
+            self._placements.clear()
         return self
+
+    @property
+    def num_devices(self) -> int:
+        """How many devices a full batch is split over (1 without data-parallel sampling)."""
+        return 1 if self.devices is None else len(self.devices)
+
+    def _replicate(self, state: nnx.State) -> nnx.State:
+        return jax.device_put(state, replicated(data_mesh(self.devices)))
+
+    def _placement(self, used: int) -> tuple[Mesh, nnx.State]:
+        """The mesh of the first `used` sampling devices and the state replicated on it: the
+        buffers the full replica already holds on those devices, not a copy."""
+        if used not in self._placements:
+            devices = self.devices[:used]
+            mesh = data_mesh(devices)
+            state = self.state
+            if used < len(self.devices):
+                sharding = replicated(mesh)
+
+                def view(x):
+                    shards = {shard.device: shard.data for shard in x.addressable_shards}
+                    return jax.make_array_from_single_device_arrays(
+                        x.shape, sharding, [shards[d] for d in devices])
+
+                state = jax.tree.map(view, state)
+            self._placements[used] = (mesh, state)
+        return self._placements[used]
+
+    def _place(self, batch, shared, used: int | None):
+        """(batch inputs, shared inputs, state, the data-parallel mesh or None) where the
+        sampling function runs: replicated over `mesh`, the batch split over the first `used`
+        devices (data-parallel), or on the default device."""
+        if self.mesh is not None:
+            batch, shared = host_replicated(jax.device_get((batch, shared)), self.mesh)
+            return batch, shared, self.state, None
+        if used is None:
+            batch, shared = jax.tree.map(jnp.asarray, (batch, shared))
+            return batch, shared, self.state, None
+        mesh, state = self._placement(used)
+        batch = jax.device_put(jax.device_get(batch), NamedSharding(mesh, batch_spec(mesh)))
+        shared = jax.device_put(jax.device_get(shared), replicated(mesh))
+        return batch, shared, state, mesh
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int],
                  guidance: float | Sequence[float] = 3.0,
@@ -173,22 +277,27 @@ class Generator:
         out = []
         bar = tqdm(total=len(prompts), desc=progress, unit="sample", disable=progress is None)
         for i in range(0, len(prompts), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            z = jnp.stack([jax.random.normal(jax.random.key(int(s)), self.sample_shape)
-                           for s in seeds[sl]])
+            n = min(self.batch_size, len(prompts) - i)
+            idx, used = np.arange(i, i + n), None
+            if self.devices is not None:  # padded with the last example to split evenly
+                used, padded = data_parallel_split(n, len(self.devices))
+                idx = np.concatenate([idx, np.full(padded - n, i + n - 1)])
+            z = jnp.stack([jax.random.normal(jax.random.key(int(seeds[j])), self.sample_shape)
+                           for j in idx])
             z = schedules.correlate_frames(z, self.frame_correlation)
-            rng = jax.random.key_data(jax.random.key(int(seeds[sl][0]) + 7919 * i))
-            inputs = (tokens.ids[sl], tokens.mask[sl], *self.null_tokens, z, rng, scales[sl],
-                      None if low_res is None else low_res[sl],
-                      {k: v[sl] for k, v in edit.items()} or None)
-            inputs = (jax.tree.map(jnp.asarray, inputs) if self.mesh is None
-                      else host_replicated(jax.device_get(inputs), self.mesh))
-            *inputs, rng, scale, low, batch_edit = inputs
-            x = self._run(self.state, *inputs, jax.random.wrap_key_data(rng), scale, low,
-                          batch_edit, start_t=float(strength) if init is not None else 1.0,
-                          use_guidance=bool(np.any(scales[sl] != 1.0)),
-                          conditioning=conditioning if known is not None else "replace")
-            out.append(to_uint8(local_value(x)))
+            rng = jax.random.key_data(jax.random.key(int(seeds[i]) + 7919 * i))
+            batch = (tokens.ids[idx], tokens.mask[idx], z, scales[idx],
+                     None if low_res is None else low_res[idx],
+                     {k: v[idx] for k, v in edit.items()} or None)
+            (ids, mask, z, scale, low, batch_edit), (null_ids, null_mask, rng), state, mesh = \
+                self._place(batch, (*self.null_tokens, rng), used)
+            x = self._run(state, ids, mask, null_ids, null_mask, z,
+                          jax.random.wrap_key_data(rng), scale, low, batch_edit,
+                          start_t=float(strength) if init is not None else 1.0,
+                          use_guidance=bool(np.any(scales[i : i + n] != 1.0)),
+                          conditioning=conditioning if known is not None else "replace",
+                          batch_mesh=mesh)
+            out.append(to_uint8(local_value(x)[:n]))
             bar.update(len(out[-1]))
         bar.close()
         return np.concatenate(out)
@@ -251,6 +360,49 @@ class Generator:
         if low_res.dtype == np.uint8:
             return low_res.astype(np.float32) / 127.5 - 1.0
         return low_res.astype(np.float32)
+
+
+def sampling_devices(devices: int | Sequence[jax.Device]) -> list[jax.Device]:
+    """The devices of data-parallel sampling: the first `devices` of this process's local
+    devices (0: all of them), or the given devices (this process's)."""
+    local = jax.local_devices()
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        count = int(devices) or len(local)
+        if not 1 <= count <= len(local):
+            raise ValueError(f"devices={devices}: this process has {len(local)} local "
+                             f"device(s); sample on 1 to {len(local)} of them (0: all; the "
+                             "config key is sample.devices)")
+        return local[:count]
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty: give a device count (0: all local devices) or a "
+                         "list of local devices")
+    foreign = [d for d in devices if d.process_index != jax.process_index()]
+    if foreign:
+        raise ValueError(f"devices {foreign} belong to other processes; a Generator samples "
+                         "on its own process's devices (each process samples its own items)")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices {devices} names a device more than once")
+    return devices
+
+
+def sample_device_count(devices: int) -> int:
+    """A config's sample.devices as a count of local devices: 0 is all of them."""
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)):
+        raise ValueError(f"sample.devices must be an int (0: all local devices, 1: one), got "
+                         f"{devices!r}")
+    return len(sampling_devices(int(devices)))
+
+
+def data_parallel_split(n: int, devices: int) -> tuple[int, int]:
+    """(devices used, padded batch size) for a batch of `n` examples on up to `devices`
+    devices: ceil(n / devices) examples per device, the fewest possible, on the fewest devices
+    that allows, so the padding is less than one device's share."""
+    if n < 1 or devices < 1:
+        raise ValueError(f"cannot split {n} examples over {devices} devices")
+    per_device = -(-n // devices)
+    used = -(-n // per_device)
+    return used, used * per_device
 
 
 def _pixels(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -9,7 +9,8 @@ or a training run directory each) and how to sample each stage:
   prompts = (...), seeds = (0,), batch_size = 8
 
 Each stage samples with its model's EMA weights and its run's sampling settings, with the
-keys given here replacing them. The SSR must take the base model's output: same frame count,
+keys given here replacing them (also `devices`: how many local devices each batch is split
+over, 0 = all, the default). The SSR must take the base model's output: same frame count,
 and its resolution exactly `scale` times the base's.
 """
 
@@ -32,7 +33,7 @@ from lumiere_jax.eval.shapes import score_video
 from lumiere_jax.generate import Generator
 
 STAGE_SAMPLE_KEYS = {"guidance", "sampler", "steps", "batch_size", "window", "overlap",
-                     "window_weights", "aug_time"}
+                     "window_weights", "aug_time", "devices"}
 
 
 def stage_config(stage: ConfigDict, kind: str, where: str) -> ConfigDict:

@@ -10,8 +10,17 @@ manifest and adopts every complete item folder the manifest missed (killed betwe
 and the append), so no item is sampled twice and no finished file is ever rewritten; staging
 folders left by a killed run are removed. `DIR/sweep.json` records the sweep's resolved config
 and item list, and a rerun whose items differ is refused: its files would mix two sweeps.
-Only batch_size may change between runs: with DDIM a (prompt, seed, guidance) samples the same
-whatever else shares its batch; models with another sampler are sampled one item per call.
+Only batch_size (and devices) may change between runs: with DDIM a (prompt, seed, guidance)
+samples the same whatever else shares its batch; models with another sampler are sampled one
+item per call.
+
+Within a process, each batch is split over all its local devices (data-parallel sampling, the
+model replicated on each; the optional key `devices` = k > 0 keeps it to the first k):
+batch_size is rounded up to a multiple of the device count, so every call fills every device,
+and a short last batch is padded with its last item (the padding is sampled, then dropped).
+Each device computes its examples as one device would; as for another batch size, XLA may round
+a float's last bit differently in a program compiled for another device count, which can move
+a rare pixel by one level.
 
 Several hosts (`jax.process_count() > 1`): process i samples the items whose index %
 process_count == i; DIR must be one shared filesystem or a gs:// path seen by all of them.
@@ -20,7 +29,7 @@ items reach the manifest by adoption. On gs://, where renames are not atomic, an
 locally and copied file by file, metrics.json last; a folder whose files do not match the sizes
 in its metrics.json is incomplete, and is removed and sampled again by its owner.
 Run one sweep process per host and DIR at a time (a local DIR is locked to enforce that).
-Exports load onto each process's first local device; a training run directory's loader
+Exports load onto each process's local devices; a training run directory's loader
 (restore_model) still assumes one JAX process, so for run directories run the hosts as
 separate single-process jobs with `run_sweep(..., process_index=i, process_count=n)`, then
 rerun process 0 (it samples nothing then) to write the summary of all items.
@@ -53,6 +62,7 @@ from lumiere_jax.config import ConfigError
 
 AXES = ("model", "steps", "prompt", "seed", "guidance")
 CONFIG_KEYS = ("model", "prompts", "seeds", "guidance", "steps", "batch_size")
+OPTIONAL_KEYS = {"devices": 0}  # key -> its value when a sweep config leaves it out
 ITEMS_DIR = "items"
 MANIFEST = "manifest.jsonl"
 SWEEP_RECORD = "sweep.json"
@@ -107,10 +117,11 @@ def resolve_sweep(sweep_config: ConfigDict) -> dict[str, Any]:
     from lumiere_jax.sampling import check_prompts
 
     keys = set(sweep_config.keys())
-    unknown, missing = sorted(keys - set(CONFIG_KEYS)), sorted(set(CONFIG_KEYS) - keys)
+    unknown = sorted(keys - set(CONFIG_KEYS) - set(OPTIONAL_KEYS))
+    missing = sorted(set(CONFIG_KEYS) - keys)
     if unknown:
         raise ConfigError(f"sweep config: unknown key(s) {', '.join(unknown)}; the keys are "
-                          f"{', '.join(CONFIG_KEYS)}")
+                          f"{', '.join((*CONFIG_KEYS, *OPTIONAL_KEYS))}")
     if missing:
         raise ConfigError(f"sweep config: missing key(s) {', '.join(missing)}")
 
@@ -132,8 +143,13 @@ def resolve_sweep(sweep_config: ConfigDict) -> dict[str, Any]:
     batch_size = sweep_config.batch_size
     if not (is_int(batch_size) and batch_size >= 1):
         raise ConfigError(f"sweep batch_size: {batch_size!r} is not an int >= 1")
+    devices = sweep_config.get("devices", OPTIONAL_KEYS["devices"])
+    if not (is_int(devices) and devices >= 0):
+        raise ConfigError(f"sweep devices: {devices!r} is not an int >= 0 (0: every local "
+                          "device, k: the first k)")
     return {"model": models, "steps": steps, "prompts": prompts, "seeds": seeds,
-            "guidance": [float(g) for g in guidance], "batch_size": batch_size}
+            "guidance": [float(g) for g in guidance], "batch_size": batch_size,
+            "devices": devices}
 
 
 def item_id(index: int, axes: dict[str, Any]) -> str:
@@ -290,7 +306,8 @@ def _json_scores(scores: dict[str, Any]) -> dict[str, Any]:
 class _ModelGroup:
     """The generator of one (model, steps) pair, loaded only when it has items left to sample."""
 
-    def __init__(self, model: str, steps: int, batch_size: int):
+    def __init__(self, model: str, steps: int, batch_size: int, devices: int = 0):
+        from lumiere_jax.generate import sample_device_count
         from lumiere_jax.sampling import load_generator
 
         config = ConfigDict(config_lib.read_resolved_config(model).to_dict())
@@ -298,7 +315,12 @@ class _ModelGroup:
         # DDIM is deterministic given the seed's noise, so batching is exact; another sampler
         # draws noise from a per-batch key, so each item is sampled alone to stay exact.
         self.exact_batching = config.sample.sampler == "ddim"
-        self.batch_size = batch_size if self.exact_batching else 1
+        if self.exact_batching:  # a multiple of the devices each batch is split over
+            config.sample.devices = sample_device_count(devices)
+            self.batch_size = -(-batch_size // config.sample.devices) * config.sample.devices
+        else:
+            self.batch_size = 1
+            config.sample.devices = 1  # one item per call: one device
         config.sample.batch_size = self.batch_size
         self.generator, self.checkpoint_step = load_generator(config, model)
         self.fps = float(config.world.fps)
@@ -306,7 +328,7 @@ class _ModelGroup:
 
     def sample(self, items: Sequence[dict[str, Any]]) -> np.ndarray:
         """Samples for `items`; a short batch is padded with its last item so every call has
-        the same shape (one compilation)."""
+        the same shape (one compilation) and is split evenly over the devices."""
         padded = list(items) + [items[-1]] * (self.batch_size - len(items))
         samples = self.generator([i["prompt"] for i in padded], [i["seed"] for i in padded],
                                  [i["guidance"] for i in padded])
@@ -481,7 +503,7 @@ def run_sweep(sweep_config: ConfigDict, out_dir: str, progress: bool = True,
                    disable=not progress)
         for (model, steps), group_items in itertools.groupby(
                 pending, key=lambda i: (i["model"], i["steps"])):
-            group = _ModelGroup(model, steps, sweep["batch_size"])
+            group = _ModelGroup(model, steps, sweep["batch_size"], sweep["devices"])
             for chunk in _chunks(list(group_items), group.batch_size):
                 t0 = time.perf_counter()
                 samples = group.sample(chunk)

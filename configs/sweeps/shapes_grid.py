@@ -32,4 +32,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.guidance = (1.0, 3.0)
     c.steps = (arg.steps,)
     c.batch_size = 12  # items sampled per call (same model and steps); any value is exact
+    c.devices = 0  # local devices each call is split over (0: all; the batch is rounded up)
     return c

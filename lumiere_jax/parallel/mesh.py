@@ -164,6 +164,16 @@ def make_mesh(mesh_config: Mapping[str, Any] | None = None,
     return Mesh(grid, MESH_AXES)
 
 
+def data_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    """A (data, fsdp, tensor) = (n, 1, 1) mesh over `devices` in the given order, for work
+    split over examples alone (sampling): no collective runs between the devices, so their
+    layout needs no topology, and any subset of a host's devices will do."""
+    devices = list(devices)
+    if not devices:
+        raise MeshError("a data mesh needs at least one device")
+    return Mesh(np.array(devices, dtype=object).reshape(len(devices), 1, 1), MESH_AXES)
+
+
 def mesh_rules(mesh_config: Mapping[str, Any] | None) -> Rules:
     """The logical-axis rules of a config's mesh block: its own first, then the defaults."""
     return mesh_config_parts(mesh_config)[2]

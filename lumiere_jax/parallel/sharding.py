@@ -85,7 +85,10 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     rules = nn.get_logical_axis_rules() or DEFAULT_RULES
     axes = next((target for name, target in rules if name == "batch"), None)
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    # Axes made manual by a shard_map (data-parallel sampling) are already split: each device
+    # holds its own examples there, and there is nothing to pin.
+    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1
+                 and a not in mesh.manual_axes)
     if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *[None] * (x.ndim - 1)))

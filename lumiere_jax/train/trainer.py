@@ -45,7 +45,7 @@ from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
 from lumiere_jax.diffusion.masks import MASK_KINDS, check_mask_kinds, masked_video, random_masks
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import downsample_video, ssr_loss
-from lumiere_jax.generate import Generator
+from lumiere_jax.generate import Generator, sample_device_count
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser, denoiser_builder
 from lumiere_jax.models.ssr import SSR
 from lumiere_jax.models.stunet import STUNet
@@ -488,7 +488,11 @@ def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
     """A sampler for `model` with the run's sampling settings (config.sample): sampler,
     steps, batch, and for videos the MultiDiffusion window (sample.window, 0: whole clip),
     overlap and window_weights; for the SSR the augmentation time of its low-res input
-    (sample.aug_time in [0, 1], mapped through the diffusion schedule; 0: clean)."""
+    (sample.aug_time in [0, 1], mapped through the diffusion schedule; 0: clean).
+
+    Without a `mesh`, each batch is split over sample.devices local devices (0, the default:
+    all of them; never more than sample.batch_size), the model replicated on each; with one,
+    the model keeps that mesh's sharding and every example runs on every device."""
     world = world_from_config(config)
     shape = (world.height, world.width, 3)
     if config.model.kind != "unet":
@@ -498,9 +502,14 @@ def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
     if not 0.0 <= aug_time <= 1.0:
         raise ValueError(f"sample.aug_time is a diffusion time in [0, 1], got {aug_time}")
     aug_logsnr = float(diffusion.logsnr(aug_time)) if aug_time > 0 else math.inf
+    devices = None
+    if mesh is None:
+        count = min(sample_device_count(sample.get("devices", 0)), sample.batch_size)
+        devices = count if count > 1 else None  # one device: no mesh, as before
     return Generator(model, diffusion, tokenizer, config.text.max_length, shape,
                      sampler=sample.sampler, steps=sample.steps, batch_size=sample.batch_size,
-                     mesh=mesh, window=sample.get("window", 0), overlap=sample.get("overlap", 2),
+                     mesh=mesh, devices=devices, window=sample.get("window", 0),
+                     overlap=sample.get("overlap", 2),
                      window_weights=sample.get("window_weights", "uniform"),
                      aug_logsnr=aug_logsnr)
 
