@@ -6,8 +6,8 @@ captioned moving-shapes clips. (Imagen's T5 was
 pretrained on text; no weights can be downloaded here, so stage 0 trains the tiny encoder
 with the U-Net, and the later stages keep it frozen.)
 
-Run (2 CPU cores: 0.20-0.29 s/step idle at batch 8, so ~25 minutes for 6000 steps; 70 minutes
-measured on cores shared with a second training run):
+Run (2 CPU cores: 951 s measured on the idle machine, 0.11-0.17 s per step at batch 8; 70
+minutes on cores shared with a second training run):
   lumiere train --config configs/shapes_t2i.py --workdir runs/t2i
   lumiere eval --workdir runs/t2i
 
