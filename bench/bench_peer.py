@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import time
 from importlib.metadata import version
 
@@ -363,18 +362,6 @@ def peer_flops(loss_fn) -> float:
     return float(counter.get_total_flops())
 
 
-def torch_median_seconds(fn, runs: int) -> float:
-    """Median wall time of fn() over `runs` calls after one warm-up call (eager: done on
-    return)."""
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def our_param_counts(config) -> tuple[int, int, int]:
     """(trained, total, of which the text encoder) of our denoiser, from shapes alone."""
     model = abstract_denoiser(config)
@@ -400,7 +387,7 @@ def measure(name: str, config, runs: int, rounds: int) -> dict:
     ours_t, peer_t = [], []
     for r in range(rounds):
         ours_t.append(median_seconds(ours_fn, *args, runs=runs))
-        peer_t.append(torch_median_seconds(peer_step, runs))
+        peer_t.append(median_seconds(peer_step, runs=runs))  # eager: done on return
         print(f"  {name}, round {r + 1}: ours {ours_t[-1] * 1e3:.0f} ms, "
               f"peer {peer_t[-1] * 1e3:.0f} ms", flush=True)
     return dict(name=name, ours=min(ours_t), peer=min(peer_t), ours_flops=ours_flops,

@@ -10,9 +10,8 @@ output frames per second, for the base stage, the SSR stage and both.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
+from bench.timing import median_seconds
 from lumiere_jax.config import load_config
 from lumiere_jax.pipeline import TextToVideoPipeline
 
@@ -20,16 +19,6 @@ PROMPTS = ("a large red circle moving right on a black background",
            "a small yellow square moving up on a white background",
            "a large blue triangle moving left on a gray background",
            "a small green circle moving down on a black background")
-
-
-def _median(fn, runs: int) -> float:
-    fn()  # compile and warm up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -52,7 +41,7 @@ def main() -> None:
             "both": lambda: pipe(prompts, seeds),
         }
         for name, fn in stages.items():
-            seconds = _median(fn, args.runs)
+            seconds = median_seconds(fn, runs=args.runs)
             print(f"| {batch} | {name} | {seconds:.2f} | {seconds / batch:.2f} | "
                   f"{batch * frames / seconds:.1f} |")
 
