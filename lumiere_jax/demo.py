@@ -22,6 +22,7 @@ from ml_collections import ConfigDict
 
 import lumiere_jax
 from lumiere_jax import config as config_lib
+from lumiere_jax.eval import video_quality
 from lumiere_jax.pipeline import TextToVideoPipeline, run_pipeline
 from lumiere_jax.sampling import evaluate, evaluate_generator, sample_to_files
 from lumiere_jax.train.export import export_model, is_export
@@ -106,18 +107,28 @@ def run_demo(workdir: str) -> dict:
 
 def evaluate_pipeline(pipe: TextToVideoPipeline, out: str, num_samples: int) -> dict:
     """The analytic scores of the pipeline's final videos on num_samples seen and held-out
-    captions (sampling.evaluate_generator with the pipeline as the generator)."""
+    captions (sampling.evaluate_generator with the pipeline as the generator), and each
+    split's seam ratio at the SSR's window edges (None when one window covers the clip)."""
     config = ConfigDict(pipe.ssr_config.to_dict())
     config.eval.num_samples = num_samples
     config.sample.guidance = pipe.base_config.sample.guidance
+    finals = []
 
     def generate(prompts, seeds, guidance):
-        return pipe(prompts, seeds, base_guidance=guidance, progress=True)[1]
+        finals.append(pipe(prompts, seeds, base_guidance=guidance, progress=True)[1])
+        return finals[-1]
 
-    return evaluate_generator(generate, config, out, "pipeline")
+    report = evaluate_generator(generate, config, out, "pipeline")
+    edges = pipe.window_edges
+    for split, videos in zip(("test", "heldout"), finals):
+        report["summary"][split]["seam_ratio"] = (
+            video_quality.seam_ratio(videos, edges) if edges else None)
+    (epath.Path(out) / "step_pipeline.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def _short(scores: dict) -> dict:
-    keys = ("n", "colour_acc", "shape_acc", "motion_acc", "stability", "sample_seconds")
+    keys = ("n", "colour_acc", "shape_acc", "motion_acc", "stability", "seam_ratio",
+            "sample_seconds")
     return {k: (round(scores[k], 3) if isinstance(scores.get(k), float) else scores.get(k))
             for k in keys}

@@ -72,6 +72,14 @@ class TextToVideoPipeline:
                 f"{scale}) cannot take the base model's videos ({low.num_frames} frames of "
                 f"{low.height}x{low.width}): it needs the same frames at 1/{scale} its size")
 
+    @property
+    def window_edges(self) -> tuple[int, ...]:
+        """The frames where the SSR's MultiDiffusion windows begin or end (none if one window
+        covers the clip): where a seam would show."""
+        world, sample = world_from_config(self.ssr_config), self.ssr_config.sample
+        return video_quality.window_edges(world.num_frames, sample.window or world.num_frames,
+                                          sample.overlap)
+
     @classmethod
     def from_config(cls, pipeline: ConfigDict) -> "TextToVideoPipeline":
         from lumiere_jax.sampling import load_generator
@@ -119,10 +127,7 @@ def run_pipeline(pipeline_config: ConfigDict, out: str, prompts: Sequence[str] |
     start = time.perf_counter()
     low, high = pipe([p for p, _ in items], [s for _, s in items], progress=True)
     seconds = time.perf_counter() - start
-    world = world_from_config(pipe.ssr_config)
-    sample = pipe.ssr_config.sample
-    edges = video_quality.window_edges(world.num_frames, sample.window or world.num_frames,
-                                       sample.overlap)
+    world, edges = world_from_config(pipe.ssr_config), pipe.window_edges
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     videos = []

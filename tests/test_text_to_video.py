@@ -166,6 +166,25 @@ def test_pipeline_writes_videos_sheets_and_metrics(models, tmp_path):
     assert sheet.shape[0] > 1.5 * one_row.shape[0]
 
 
+def test_pipeline_evaluation_reports_the_seam_ratio_of_its_videos(models, tmp_path):
+    """`make demo`'s pipeline evaluation: per split, the analytic scores and the seam ratio at
+    the SSR's window edges of exactly the videos it scored (resampled here to check)."""
+    from lumiere_jax.demo import evaluate_pipeline
+    from lumiere_jax.pipeline import TextToVideoPipeline
+
+    pipe = TextToVideoPipeline.from_config(_pipeline_config(models))
+    report = evaluate_pipeline(pipe, str(tmp_path), num_samples=2)
+    assert pipe.window_edges == (2, 4, 6)
+    seeds = [pipe.ssr_config.eval.seed + i for i in range(2)]
+    for split in ("test", "heldout"):
+        scores = report["summary"][split]
+        assert scores["n"] == 2 and set(scores) >= {"colour_acc", "motion_acc", "stability"}
+        videos = pipe(report["prompts"][split], seeds)[1]
+        assert scores["seam_ratio"] == pytest.approx(vq.seam_ratio(videos, (2, 4, 6)))
+    saved = json.loads((tmp_path / "step_pipeline.json").read_text())
+    assert saved["summary"]["heldout"]["seam_ratio"] == report["summary"]["heldout"]["seam_ratio"]
+
+
 def test_pipeline_errors(models, tmp_path):
     from lumiere_jax.pipeline import run_pipeline
 
