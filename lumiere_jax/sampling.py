@@ -240,9 +240,17 @@ def per_frame_generator(video_config: ConfigDict, image_export: str):
     the per-frame model, sampled with the same prompts, seeds and per-video noise as the
     STUNet it is compared with.
     """
+    return inflated_generator(video_config, image_export, temporal_sampling_levels=(),
+                              temporal_conv=False, temporal_attention=False)
+
+
+def inflated_generator(video_config: ConfigDict, image_export: str, **temporal):
+    """A sampler of the STUNet of `video_config` (its model.temporal updated by `temporal`)
+    inflated from the image model `image_export`: spatial weights from the export, temporal
+    layers as initialised (identity-like: zero-initialised outputs, averaging / repeating
+    sampling), untrained."""
     config = ConfigDict(video_config.to_dict())
-    config.model.temporal.update(temporal_sampling_levels=(), temporal_conv=False,
-                                 temporal_attention=False)
+    config.model.temporal.update(temporal)
     model = build_denoiser(config, nnx.Rngs(0))
     inflate_from_export(model, image_export)
     tokenizer = make_tokenizer(config.text.tokenizer, config.text.get("vocab_path"))
