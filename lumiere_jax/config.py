@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.abc
 import importlib.util
 import inspect
 import json
@@ -56,8 +57,11 @@ class ConfigError(ValueError):
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     """Loads `path.py` or `path.py:arg`, applies `a.b.c=value` overrides, returns it locked."""
-    path, _, arg = spec.partition(":")
-    config = _call_get_config(path, arg if ":" in spec else None)
+    # A URL's scheme ("gs://") is part of the path, not the separator before the argument.
+    scheme = spec[: spec.index("://") + 3] if "://" in spec else ""
+    path, colon, arg = spec[len(scheme):].partition(":")
+    path = scheme + path
+    config = _call_get_config(path, arg if colon else None)
     for override in overrides:
         try:
             apply_override(config, override)
@@ -73,13 +77,28 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     return config.lock()
 
 
+class _SourceTextLoader(importlib.abc.Loader):
+    """Runs a config file's source text read through epath (a gs:// config)."""
+
+    def __init__(self, path: str, source: str):
+        self.path, self.source = path, source
+
+    def exec_module(self, module) -> None:
+        module.__file__ = self.path
+        exec(compile(self.source, self.path, "exec"), module.__dict__)
+
+
 def _call_get_config(path: str, arg: str | None) -> ConfigDict:
     """Imports the file at `path` and returns `get_config()` / `get_config(arg)` as a ConfigDict."""
     file = epath.Path(path)
     if not path or not file.is_file():
         raise ConfigError(f"config file not found: {path!r} (give a path like configs/name.py)")
     module_name = "lumiere_config_" + re.sub(r"\W", "_", file.stem)
-    module_spec = importlib.util.spec_from_file_location(module_name, str(file))
+    if "://" in path:  # gs://: Python's file loader reads local files only
+        module_spec = importlib.util.spec_from_loader(
+            module_name, _SourceTextLoader(path, file.read_text()), origin=path)
+    else:
+        module_spec = importlib.util.spec_from_file_location(module_name, str(file))
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"{path}: not a Python file that can be imported (use a .py file)")
     module = importlib.util.module_from_spec(module_spec)

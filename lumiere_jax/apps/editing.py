@@ -16,7 +16,7 @@ model see the known pixels (`conditioning="model"`), or do both (`"both"`).
 SDEdit starts the sampler part-way (diffusion time = strength) from the noised input.
 
 Inputs are uint8 pixels; image and video files are read and fitted to the model's frame size
-(cover and centre-crop, with a warning when that changes the size).
+(cover and centre-crop, with a warning when that changes the size); they may be gs:// paths.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def fit_frame(frame: np.ndarray, height: int, width: int, what: str) -> np.ndarr
 
 
 def read_image(path: str, height: int, width: int) -> np.ndarray:
-    """An image file as uint8 [height, width, 3]; unreadable files are a clear error."""
+    """An image file (local or gs://) as uint8 [height, width, 3]; unreadable files are a clear
+    error."""
     try:
-        with Image.open(path) as image:
+        with video_io.local_copy_of(path) as local, Image.open(local) as image:
             pixels = np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no image file at {path}") from None

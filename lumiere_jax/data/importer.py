@@ -13,6 +13,10 @@ Resumable: every finished shard has a sidecar `shard-NNNNN.json` naming its inpu
 the clip settings; a rerun skips shards whose sidecar matches and rewrites the others, then
 rewrites the manifest and report. (Adding files to the folder regroups the files after
 them; those shards are then rewritten.)
+
+The videos folder, the captions file and the output directory may each be local or gs://
+(through etils.epath): remote videos are downloaded one at a time to decode them, a remote
+shard is written locally then uploaded, and remote JSON files are written as single objects.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
+import posixpath
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
 from lumiere_jax.data.shards import ClipRecord, shard_name, write_manifest, write_shard
-from lumiere_jax.data.video_io import read_video
+from lumiere_jax.data.video_io import is_remote, read_video
 
 REPORT_NAME = "import_report.json"
 
@@ -63,12 +70,17 @@ def read_captions(captions_file: str | os.PathLike) -> dict[str, str]:
     CSV: a header with a file column ('file', 'video' or 'path') and 'caption' (or 'text').
     JSONL: one object per line with the same keys.
     """
-    path = Path(captions_file)
+    remote = is_remote(captions_file)
+    path = _path(captions_file)
     if not path.is_file():
         raise FileNotFoundError(f"import: no captions file at {path}")
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        if remote:  # the bytes as they are: csv handles the line ends (open's newline="")
+            text = path.read_bytes().decode("utf-8")
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        else:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
     elif path.suffix.lower() == ".jsonl":
         rows = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -108,9 +120,9 @@ def resize_and_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image)[top : top + height, left : left + width]
 
 
-def video_to_clips(path: Path, settings: ClipSettings) -> list[np.ndarray]:
+def video_to_clips(path: Path | epath.Path, settings: ClipSettings) -> list[np.ndarray]:
     """Clips uint8 [num_frames, height, width, 3] of one video; ValueError says why not."""
-    if path.stat().st_size == 0:
+    if (path.stat().length if is_remote(path) else path.stat().st_size) == 0:
         raise ValueError("empty file (0 bytes)")
     video, source_fps = read_video(path)
     if source_fps <= 0:
@@ -130,7 +142,7 @@ def video_to_clips(path: Path, settings: ClipSettings) -> list[np.ndarray]:
 def _import_group(task: dict[str, Any]) -> dict[str, Any]:
     """Worker: one group of videos -> one shard + its sidecar. Never raises for a bad video."""
     settings = ClipSettings(**task["settings"])
-    videos_dir, out_dir = Path(task["videos_dir"]), Path(task["out_dir"])
+    videos_dir, out_dir = _path(task["videos_dir"]), _path(task["out_dir"])
     records, files = [], {}
     for rel, caption in task["inputs"]:
         try:
@@ -160,15 +172,19 @@ def import_videos(videos_dir: str | os.PathLike, captions_file: str | os.PathLik
     naming no file.
     """
     settings = ClipSettings(num_frames, height, width, fps, clip_stride)
-    videos_dir, out_dir = Path(videos_dir), Path(out_dir)
+    videos_dir, out_dir = _path(videos_dir), _path(out_dir)
     if not videos_dir.is_dir():
         raise FileNotFoundError(f"import: no folder {videos_dir}")
     if not (isinstance(videos_per_shard, int) and videos_per_shard >= 1):
         raise ValueError(f"import: videos_per_shard must be an int >= 1, got {videos_per_shard!r}")
     captions = read_captions(captions_file)
-    captions_path = Path(captions_file).resolve()
-    files = sorted(str(p.relative_to(videos_dir)) for p in videos_dir.rglob("*")
-                   if p.is_file() and not p.name.startswith(".") and p.resolve() != captions_path)
+    if is_remote(videos_dir):
+        files = _remote_files(videos_dir, captions_file)
+    else:
+        captions_path = Path(captions_file).resolve()
+        files = sorted(str(p.relative_to(videos_dir)) for p in videos_dir.rglob("*")
+                       if p.is_file() and not p.name.startswith(".")
+                       and p.resolve() != captions_path)
     bad = [{"file": f, "reason": "no caption in the captions file"}
            for f in files if f not in captions]
     captioned = [(f, captions[f]) for f in files if f in captions]
@@ -230,6 +246,24 @@ def import_videos(videos_dir: str | os.PathLike, captions_file: str | os.PathLik
     return report
 
 
+def _path(path: str | os.PathLike) -> Path | epath.Path:
+    """pathlib for a local path; etils.epath for gs:// (pathlib would turn it into 'gs:/')."""
+    return epath.Path(path) if is_remote(path) else Path(path)
+
+
+def _remote_files(videos_dir: epath.Path, captions_file: str | os.PathLike) -> list[str]:
+    """The files under a gs:// folder, as import_videos lists a local one: sorted paths
+    relative to the folder, without hidden files and without the captions file."""
+    import fsspec  # installed with etils' gs:// support (gcsfs)
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(videos_dir))
+    root = root.rstrip("/")
+    captions = (fsspec.core.url_to_fs(os.fspath(captions_file))[1]
+                if is_remote(captions_file) else None)
+    return sorted(posixpath.relpath(name, root) for name in fs.find(root)
+                  if not posixpath.basename(name).startswith(".") and name != captions)
+
+
 def _finished(out_dir: Path, task: dict[str, Any]) -> dict[str, Any] | None:
     """The sidecar of an already written shard for exactly this task, else None."""
     path = out_dir / task["sidecar_file"]
@@ -244,7 +278,10 @@ def _finished(out_dir: Path, task: dict[str, Any]) -> dict[str, Any] | None:
     return sidecar
 
 
-def _write_json(path: Path, value: Any) -> None:
+def _write_json(path: Path | epath.Path, value: Any) -> None:
+    if is_remote(path):  # one object write: atomic already
+        path.write_text(json.dumps(value, indent=1))
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=1))
     os.replace(tmp, path)

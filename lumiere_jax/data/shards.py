@@ -29,7 +29,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
+from etils import epath
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "lumiere_jax.clip_shards"
@@ -45,6 +48,11 @@ RECORD_MAGIC = b"LMR1"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # the payload is already zlib-compressed
 
 PathLike = str | os.PathLike
+
+
+def _is_remote(path: PathLike) -> bool:
+    """gs:// (read through epath and ArrayRecord's own GCS reader; written via a local copy)."""
+    return "://" in os.fspath(path)
 
 
 class CorruptRecordError(ValueError):
@@ -138,10 +146,17 @@ def write_shard(path: PathLike, records: Iterable[ClipRecord], *,
     """Write `records` to one ArrayRecord file, atomically (a crash leaves no partial shard).
 
     Returns the shard's manifest entry: file, num_records, num_frames, height, width, sha256.
+    On gs:// (ArrayRecord writes local files only) the shard is written to a local temporary
+    file, then uploaded as one object.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    remote = _is_remote(path)
+    path = epath.Path(path) if remote else Path(path)
+    if remote:
+        staging = Path(tempfile.mkdtemp(prefix="lumiere_shard_"))
+        tmp = staging / (path.name + ".tmp")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
     writer = array_record_module.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
     num_records = num_frames = 0
     resolution: tuple[int, int] | None = None
@@ -160,14 +175,24 @@ def write_shard(path: PathLike, records: Iterable[ClipRecord], *,
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     writer.close()
-    if num_records == 0:
-        tmp.unlink()
-        raise ValueError(f"{path}: no records to write")
-    os.replace(tmp, path)
+    try:
+        if num_records == 0:
+            raise ValueError(f"{path}: no records to write")
+        sha256 = file_sha256(tmp)
+        if remote:
+            epath.Path(tmp).copy(path, overwrite=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
     return {"file": path.name, "num_records": num_records, "num_frames": num_frames,
-            "height": resolution[0], "width": resolution[1], "sha256": file_sha256(path)}
+            "height": resolution[0], "width": resolution[1], "sha256": sha256}
 
 
 def write_manifest(out_dir: PathLike, shards: Sequence[dict[str, Any]],
@@ -190,9 +215,13 @@ def write_manifest(out_dir: PathLike, shards: Sequence[dict[str, Any]],
         "metadata": metadata,
         "shards": list(shards),
     }
+    text = json.dumps(manifest, indent=1)
+    if _is_remote(out_dir):  # one object write: atomic already
+        (epath.Path(out_dir) / MANIFEST_NAME).write_text(text)
+        return manifest
     path = Path(out_dir) / MANIFEST_NAME
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return manifest
 
@@ -228,7 +257,7 @@ def write_synthetic_shards(out_dir: PathLike, world, split: str, num: int,
     shards = []
     for k, start in enumerate(range(0, num, records_per_shard)):
         stop = min(num, start + records_per_shard)
-        shards.append(write_shard(Path(out_dir) / shard_name(k), records(start, stop),
+        shards.append(write_shard(epath.Path(out_dir) / shard_name(k), records(start, stop),
                                   compression_level=compression_level))
     return write_manifest(out_dir, shards, source="shapes", split=split, world=dataclasses.asdict(world))
 
@@ -239,7 +268,7 @@ def write_synthetic_shards(out_dir: PathLike, world, split: str, num: int,
 
 def file_sha256(path: PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -247,7 +276,7 @@ def file_sha256(path: PathLike) -> str:
 
 def read_manifest(shard_dir: PathLike) -> dict[str, Any]:
     """Load and check manifest.json; raises ManifestError saying what is wrong and what to do."""
-    path = Path(shard_dir) / MANIFEST_NAME
+    path = epath.Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_NAME} in {shard_dir}; is it a shard directory? Write "
                             "one with write_synthetic_shards or import_videos.")
@@ -274,7 +303,7 @@ def verify_shards(shard_dir: PathLike) -> list[str]:
     manifest = read_manifest(shard_dir)
     problems = []
     for shard in manifest["shards"]:
-        path = Path(shard_dir) / shard["file"]
+        path = epath.Path(shard_dir) / shard["file"]
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif file_sha256(path) != shard["sha256"]:
@@ -293,7 +322,7 @@ class ShardSource:
     def __init__(self, shard_dir: PathLike, *, verify: bool = False):
         import grain  # imported here so writers do not pay for it
 
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = epath.Path(shard_dir)
         self.manifest = read_manifest(shard_dir)
         shards = self.manifest["shards"]
         missing = [s["file"] for s in shards if not (self.shard_dir / s["file"]).is_file()]

@@ -4,17 +4,25 @@ All videos are uint8 [t, h, w, 3] RGB arrays; images are uint8 [h, w, 3]. Writer
 parent folder. Tiny videos (the 32x32 base model's) can be enlarged with nearest-neighbour
 `scale=` so players show crisp pixels; mp4 (yuv420p) also needs even sizes, so an odd height or
 width is padded by one edge-replicated row or column.
+
+Paths may be local or remote (gs://, through etils.epath). The encoders and decoders work on
+local files only, so a remote file is written through a local temporary file uploaded as one
+object (`local_file_for`), and read from a downloaded temporary copy (`local_copy_of`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 PathLike = str | os.PathLike
@@ -34,8 +42,7 @@ def write_mp4(
     if pad_h or pad_w:  # yuv420p subsamples chroma 2x2
         video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     t, h, w, _ = video.shape
-    path = _prepare(path)
-    with av.open(str(path), mode="w") as container:
+    with local_file_for(path) as target, av.open(str(target), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": str(crf)}
@@ -49,13 +56,25 @@ def read_video(path: PathLike) -> tuple[np.ndarray, float]:
     """Decode every frame of a video file: (uint8 [t, h, w, 3], fps).
 
     Raises FileNotFoundError for a missing file and ValueError naming the file when it is not a
-    decodable video or holds fewer frames than its container declares (truncated).
+    decodable video or holds fewer frames than its container declares (truncated). A remote
+    file (gs://) is downloaded to a temporary file first.
     """
+    if is_remote(path):
+        if not epath.Path(path).is_file():
+            raise FileNotFoundError(f"read_video: no video file at {path}")
+        with local_copy_of(path) as local:
+            return _decode_video(local, os.fspath(path))
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"read_video: no video file at {path}")
+    return _decode_video(path, path)
+
+
+def _decode_video(local: Path, path: PathLike) -> tuple[np.ndarray, float]:
+    """read_video of the local file `local`; errors name `path` (the file as the caller gave
+    it, which differs for a downloaded remote file)."""
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(local)) as container:
             if not container.streams.video:
                 raise ValueError(
                     f"read_video: {path} has no video stream (truncated, corrupt or not a video)"
@@ -90,14 +109,15 @@ def write_gif(path: PathLike, video: np.ndarray, fps: float, *, scale: int = 1) 
     frames = [
         Image.fromarray(frame).quantize(colors=256, dither=Image.Dither.NONE) for frame in video
     ]
-    path = _prepare(path)
     duration = max(1, round(1000.0 / fps))
-    if len(frames) == 1:
-        frames[0].save(path, format="GIF")
-        return
-    frames[0].save(
-        path, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0
-    )
+    with local_file_for(path) as target:
+        if len(frames) == 1:
+            frames[0].save(target, format="GIF")
+            return
+        frames[0].save(
+            target, format="GIF", save_all=True, append_images=frames[1:], duration=duration,
+            loop=0,
+        )
 
 
 def write_png(path: PathLike, image: np.ndarray) -> None:
@@ -109,7 +129,57 @@ def write_png(path: PathLike, image: np.ndarray) -> None:
         raise ValueError(
             f"write_png expects uint8 [h, w, 3] or [h, w], got {image.dtype} {image.shape}"
         )
-    Image.fromarray(image).save(_prepare(path), format="PNG")
+    with local_file_for(path) as target:
+        Image.fromarray(image).save(target, format="PNG")
+
+
+# ----------------------------------------------------------------------------------------------
+# Local or remote files.
+
+
+def is_remote(path: PathLike) -> bool:
+    """Whether `path` is a URL (gs://...) that os, open, pathlib and the codecs cannot use."""
+    return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def local_file_for(path: PathLike) -> Iterator[Path]:
+    """A local file to write `path`'s content to, for writers that need a real file.
+
+    Local `path`: `path` itself, its folder created. Remote `path` (gs://): a file of the same
+    name in a fresh temporary folder, uploaded as one object when the block ends without an
+    error (the object then appears whole or not at all), and removed in any case.
+    """
+    if not is_remote(path):
+        yield _prepare(path)
+        return
+    destination = epath.Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="lumiere_upload_"))
+    try:
+        local = staging / destination.name  # same suffix: PyAV picks the container by it
+        yield local
+        epath.Path(local).copy(destination, overwrite=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_copy_of(path: PathLike) -> Iterator[Path]:
+    """A local file with `path`'s content, for readers that need a real file: `path` itself
+    when local; for a remote `path` (gs://), a downloaded temporary copy of the same name,
+    removed when the block ends."""
+    if not is_remote(path):
+        yield Path(path)
+        return
+    source = epath.Path(path)
+    staging = Path(tempfile.mkdtemp(prefix="lumiere_download_"))
+    try:
+        local = staging / source.name
+        source.copy(local)
+        yield local
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def image_grid(

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 PAD_ID = 0
 
@@ -121,13 +122,16 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
         import sentencepiece
 
-        if not os.path.isfile(path):
+        remote = "://" in path  # gs://: read through epath; SentencePiece opens local files only
+        if not (epath.Path(path).is_file() if remote else os.path.isfile(path)):
             raise FileNotFoundError(
                 f"SentencePiece model {path!r} not found. Pass the path of the tokenizer file "
                 "that came with the T5 checkpoint (usually `spiece.model`), or use the byte "
                 "tokenizer (kind='byte'), which needs no file.")
         self.path = path
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.processor = (
+            sentencepiece.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
+            if remote else sentencepiece.SentencePieceProcessor(model_file=path))
         self.eos_id = self.processor.eos_id()
         if self.eos_id < 0:
             raise ValueError(f"SentencePiece model {path!r} has no end-of-sequence piece; T5 "

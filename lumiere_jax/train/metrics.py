@@ -1,6 +1,6 @@
 """Training metrics on disk: a CSV table, TensorBoard events and PNG sample grids.
 
-Layout under `workdir` (a local path):
+Layout under `workdir` (a local path or gs://):
   metrics.csv                    one row per `write_scalars` call; columns `step` + keys
   tb/events.out.tfevents.*       the same scalars and the images, for TensorBoard
   samples/{name}_{step:07d}.png  image grids
@@ -13,6 +13,10 @@ CSV rules (chosen so the file stays one plain table that pandas or a spreadsheet
   the old run with step >= that write's step (TensorBoard gets the same via `purge_step`).
 - Non-finite values are written as they are ("nan", "inf") and never raise.
 
+On gs://, which cannot append, every row rewrites the CSV object whole (an object write is
+atomic, so a reader sees the old table or the new one), and TensorBoard events go through
+tensorboardX's own gs:// writer (google-cloud-storage, installed with the `gcs` extra).
+
 Only the primary process (`is_primary=True`, usually `jax.process_index() == 0`) writes;
 the others' calls do nothing, so every process can call the same code.
 """
@@ -20,6 +24,7 @@ the others' calls do nothing, so every process can call the same code.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -29,6 +34,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 from tensorboardX import SummaryWriter
 
@@ -87,6 +93,7 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True,
                  tensorboard: bool = True):
         self.workdir = os.fspath(workdir)
+        self._remote = "://" in self.workdir  # gs://: through epath, never os/open
         self.is_primary = is_primary
         self.csv_path = os.path.join(self.workdir, "metrics.csv")
         self.tensorboard_dir = os.path.join(self.workdir, "tb")
@@ -95,7 +102,7 @@ class MetricsWriter:
         self._tensorboard: SummaryWriter | None = None  # opened at the first write
         self._columns: list[str] | None = None  # CSV header; None until first write
         if is_primary:
-            os.makedirs(self.workdir, exist_ok=True)
+            epath.Path(self.workdir).mkdir(parents=True, exist_ok=True)
 
     # -- scalars
 
@@ -133,23 +140,37 @@ class MetricsWriter:
             if new_keys:
                 self._columns = self._columns + new_keys
                 self._rewrite_csv(self._read_csv()[1])
+        if self._remote:  # no appends on object stores: the whole table again
+            line = io.StringIO()
+            csv.DictWriter(line, fieldnames=self._columns).writerow({_STEP: step, **row})
+            path = epath.Path(self.csv_path)
+            path.write_bytes(path.read_bytes() + line.getvalue().encode())
+            return
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self._columns).writerow({_STEP: step, **row})
 
     def _read_csv(self) -> tuple[list[str], list[dict[str, str]]]:
-        if not os.path.exists(self.csv_path):
+        path = epath.Path(self.csv_path)
+        if not path.exists():
             return [], []
-        with open(self.csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
+        reader = csv.DictReader(io.StringIO(path.read_bytes().decode(), newline=""))
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
         if columns and columns[0] != _STEP:
             raise ValueError(f"{self.csv_path} is not a metrics file written by MetricsWriter "
                              f"(first column {columns[0]!r}, expected {_STEP!r}); move it away")
         return columns, rows
 
     def _rewrite_csv(self, rows: list[dict[str, str]]) -> None:
-        """Writes header + rows to a temporary file, then renames it over the old one."""
+        """Writes header + rows to a temporary file, then renames it over the old one (on gs://,
+        where renames are copies, the object is written whole: that is atomic already)."""
+        if self._remote:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self._columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+            epath.Path(self.csv_path).write_bytes(text.getvalue().encode())
+            return
         temporary = self.csv_path + ".tmp"
         with open(temporary, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self._columns, restval="")
@@ -168,9 +189,14 @@ class MetricsWriter:
             return None
         batch = _as_image_batch(images, name)
         grid = image_grid(batch)
-        os.makedirs(self.samples_dir, exist_ok=True)
         path = os.path.join(self.samples_dir, f"{name}_{int(step):07d}.png")
-        Image.fromarray(grid).save(path)
+        if self._remote:
+            png = io.BytesIO()
+            Image.fromarray(grid).save(png, format="png")
+            epath.Path(path).write_bytes(png.getvalue())
+        else:
+            os.makedirs(self.samples_dir, exist_ok=True)
+            Image.fromarray(grid).save(path)
         tensorboard = self._tensorboard_writer(int(step))
         if tensorboard is not None:
             tensorboard.add_image(name, grid, int(step), dataformats="HWC")
@@ -184,7 +210,8 @@ class MetricsWriter:
         if not self._use_tensorboard:
             return None
         if self._tensorboard is None:
-            resuming = os.path.isdir(self.tensorboard_dir) and os.listdir(self.tensorboard_dir)
+            tensorboard_dir = epath.Path(self.tensorboard_dir)
+            resuming = tensorboard_dir.is_dir() and any(tensorboard_dir.iterdir())
             # The default file name has one-second resolution: two sessions within a second
             # would write to the same file and the second would erase the first.
             self._tensorboard = SummaryWriter(logdir=self.tensorboard_dir,
