@@ -108,27 +108,30 @@ def run_demo(workdir: str) -> dict:
 def evaluate_pipeline(pipe: TextToVideoPipeline, out: str, num_samples: int) -> dict:
     """The analytic scores of the pipeline's final videos on num_samples seen and held-out
     captions (sampling.evaluate_generator with the pipeline as the generator), and each
-    split's seam ratio at the SSR's window edges (None when one window covers the clip)."""
+    split's seam ratio at the SSR's window edges (None when one window covers the clip): of
+    the final videos, and of their base videos at the same frames (the base model's own
+    frame-to-frame jumps there, which the SSR inherits)."""
     config = ConfigDict(pipe.ssr_config.to_dict())
     config.eval.num_samples = num_samples
     config.sample.guidance = pipe.base_config.sample.guidance
-    finals = []
+    outputs = []
 
     def generate(prompts, seeds, guidance):
-        finals.append(pipe(prompts, seeds, base_guidance=guidance, progress=True)[1])
-        return finals[-1]
+        outputs.append(pipe(prompts, seeds, base_guidance=guidance, progress=True))
+        return outputs[-1][1]
 
     report = evaluate_generator(generate, config, out, "pipeline")
     edges = pipe.window_edges
-    for split, videos in zip(("test", "heldout"), finals):
-        report["summary"][split]["seam_ratio"] = (
-            video_quality.seam_ratio(videos, edges) if edges else None)
+    for split, (base, final) in zip(("test", "heldout"), outputs):
+        scores = report["summary"][split]
+        scores["seam_ratio"] = video_quality.seam_ratio(final, edges) if edges else None
+        scores["seam_ratio_base"] = video_quality.seam_ratio(base, edges) if edges else None
     (epath.Path(out) / "step_pipeline.json").write_text(json.dumps(report, indent=1))
     return report
 
 
 def _short(scores: dict) -> dict:
     keys = ("n", "colour_acc", "shape_acc", "motion_acc", "stability", "seam_ratio",
-            "sample_seconds")
+            "seam_ratio_base", "sample_seconds")
     return {k: (round(scores[k], 3) if isinstance(scores.get(k), float) else scores.get(k))
             for k in keys}

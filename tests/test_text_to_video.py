@@ -179,8 +179,9 @@ def test_pipeline_evaluation_reports_the_seam_ratio_of_its_videos(models, tmp_pa
     for split in ("test", "heldout"):
         scores = report["summary"][split]
         assert scores["n"] == 2 and set(scores) >= {"colour_acc", "motion_acc", "stability"}
-        videos = pipe(report["prompts"][split], seeds)[1]
-        assert scores["seam_ratio"] == pytest.approx(vq.seam_ratio(videos, (2, 4, 6)))
+        base, final = pipe(report["prompts"][split], seeds)
+        assert scores["seam_ratio"] == pytest.approx(vq.seam_ratio(final, (2, 4, 6)))
+        assert scores["seam_ratio_base"] == pytest.approx(vq.seam_ratio(base, (2, 4, 6)))
     saved = json.loads((tmp_path / "step_pipeline.json").read_text())
     assert saved["summary"]["heldout"]["seam_ratio"] == report["summary"]["heldout"]["seam_ratio"]
 
