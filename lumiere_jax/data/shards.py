@@ -29,9 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,6 +39,8 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
+from lumiere_jax.data.remote import is_remote, local_file_for
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "lumiere_jax.clip_shards"
 MANIFEST_NAME = "manifest.json"
@@ -48,11 +48,6 @@ RECORD_MAGIC = b"LMR1"
 WRITER_OPTIONS = "group_size:1,uncompressed"  # the payload is already zlib-compressed
 
 PathLike = str | os.PathLike
-
-
-def _is_remote(path: PathLike) -> bool:
-    """gs:// (read through epath and ArrayRecord's own GCS reader; written via a local copy)."""
-    return "://" in os.fspath(path)
 
 
 class CorruptRecordError(ValueError):
@@ -149,49 +144,36 @@ def write_shard(path: PathLike, records: Iterable[ClipRecord], *,
     On gs:// (ArrayRecord writes local files only) the shard is written to a local temporary
     file, then uploaded as one object.
     """
-    remote = _is_remote(path)
-    path = epath.Path(path) if remote else Path(path)
-    if remote:
-        staging = Path(tempfile.mkdtemp(prefix="lumiere_shard_"))
-        tmp = staging / (path.name + ".tmp")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-    writer = array_record_module.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
-    num_records = num_frames = 0
-    resolution: tuple[int, int] | None = None
-    try:
-        for record in records:
-            t, h, w, _ = np.shape(record.video)
-            if resolution is None:
-                resolution = (h, w)
-            elif resolution != (h, w):
-                raise ValueError(f"{path}: record {record.source_id!r} is {h}x{w} but the shard "
-                                 f"holds {resolution[0]}x{resolution[1]} clips; one resolution "
-                                 "per shard directory")
-            writer.write(encode_record(record, compression_level))
-            num_records += 1
-            num_frames += t
-    except BaseException:
+    with local_file_for(path) as target:
+        tmp = target.with_name(target.name + ".tmp")
+        writer = array_record_module.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+        num_records = num_frames = 0
+        resolution: tuple[int, int] | None = None
+        try:
+            for record in records:
+                t, h, w, _ = np.shape(record.video)
+                if resolution is None:
+                    resolution = (h, w)
+                elif resolution != (h, w):
+                    raise ValueError(f"{path}: record {record.source_id!r} is {h}x{w} but the "
+                                     f"shard holds {resolution[0]}x{resolution[1]} clips; one "
+                                     "resolution per shard directory")
+                writer.write(encode_record(record, compression_level))
+                num_records += 1
+                num_frames += t
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
         writer.close()
-        tmp.unlink(missing_ok=True)
-        if remote:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    writer.close()
-    try:
-        if num_records == 0:
-            raise ValueError(f"{path}: no records to write")
-        sha256 = file_sha256(tmp)
-        if remote:
-            epath.Path(tmp).copy(path, overwrite=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        if remote:
-            shutil.rmtree(staging, ignore_errors=True)
-    return {"file": path.name, "num_records": num_records, "num_frames": num_frames,
+        try:
+            if num_records == 0:
+                raise ValueError(f"{path}: no records to write")
+            sha256 = file_sha256(tmp)
+            os.replace(tmp, target)  # local: atomic; remote: uploaded whole as the block ends
+        finally:
+            tmp.unlink(missing_ok=True)
+    return {"file": epath.Path(path).name, "num_records": num_records, "num_frames": num_frames,
             "height": resolution[0], "width": resolution[1], "sha256": sha256}
 
 
@@ -216,7 +198,7 @@ def write_manifest(out_dir: PathLike, shards: Sequence[dict[str, Any]],
         "shards": list(shards),
     }
     text = json.dumps(manifest, indent=1)
-    if _is_remote(out_dir):  # one object write: atomic already
+    if is_remote(out_dir):  # one object write: atomic already
         (epath.Path(out_dir) / MANIFEST_NAME).write_text(text)
         return manifest
     path = Path(out_dir) / MANIFEST_NAME

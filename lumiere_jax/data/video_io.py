@@ -7,16 +7,14 @@ width is padded by one edge-replicated row or column.
 
 Paths may be local or remote (gs://, through etils.epath). The encoders and decoders work on
 local files only, so a remote file is written through a local temporary file uploaded as one
-object (`local_file_for`), and read from a downloaded temporary copy (`local_copy_of`).
+object (`remote.local_file_for`), and read from a downloaded temporary copy
+(`remote.local_copy_of`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import av
 import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
+
+from lumiere_jax.data.remote import is_remote, local_copy_of, local_file_for
 
 PathLike = str | os.PathLike
 
@@ -131,55 +131,6 @@ def write_png(path: PathLike, image: np.ndarray) -> None:
         )
     with local_file_for(path) as target:
         Image.fromarray(image).save(target, format="PNG")
-
-
-# ----------------------------------------------------------------------------------------------
-# Local or remote files.
-
-
-def is_remote(path: PathLike) -> bool:
-    """Whether `path` is a URL (gs://...) that os, open, pathlib and the codecs cannot use."""
-    return "://" in os.fspath(path)
-
-
-@contextlib.contextmanager
-def local_file_for(path: PathLike) -> Iterator[Path]:
-    """A local file to write `path`'s content to, for writers that need a real file.
-
-    Local `path`: `path` itself, its folder created. Remote `path` (gs://): a file of the same
-    name in a fresh temporary folder, uploaded as one object when the block ends without an
-    error (the object then appears whole or not at all), and removed in any case.
-    """
-    if not is_remote(path):
-        yield _prepare(path)
-        return
-    destination = epath.Path(path)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="lumiere_upload_"))
-    try:
-        local = staging / destination.name  # same suffix: PyAV picks the container by it
-        yield local
-        epath.Path(local).copy(destination, overwrite=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def local_copy_of(path: PathLike) -> Iterator[Path]:
-    """A local file with `path`'s content, for readers that need a real file: `path` itself
-    when local; for a remote `path` (gs://), a downloaded temporary copy of the same name,
-    removed when the block ends."""
-    if not is_remote(path):
-        yield Path(path)
-        return
-    source = epath.Path(path)
-    staging = Path(tempfile.mkdtemp(prefix="lumiere_download_"))
-    try:
-        local = staging / source.name
-        source.copy(local)
-        yield local
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def image_grid(

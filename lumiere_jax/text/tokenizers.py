@@ -23,6 +23,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from lumiere_jax.data.remote import is_remote
+
 PAD_ID = 0
 
 
@@ -122,7 +124,7 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
         import sentencepiece
 
-        remote = "://" in path  # gs://: read through epath; SentencePiece opens local files only
+        remote = is_remote(path)  # gs://: read through epath; SentencePiece opens local files only
         if not (epath.Path(path).is_file() if remote else os.path.isfile(path)):
             raise FileNotFoundError(
                 f"SentencePiece model {path!r} not found. Pass the path of the tokenizer file "

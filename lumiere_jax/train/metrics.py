@@ -38,6 +38,8 @@ from etils import epath
 from PIL import Image
 from tensorboardX import SummaryWriter
 
+from lumiere_jax.data.remote import is_remote
+
 _STEP = "step"
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -93,7 +95,7 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True,
                  tensorboard: bool = True):
         self.workdir = os.fspath(workdir)
-        self._remote = "://" in self.workdir  # gs://: through epath, never os/open
+        self._remote = is_remote(self.workdir)  # gs://: through epath, never os/open
         self.is_primary = is_primary
         self.csv_path = os.path.join(self.workdir, "metrics.csv")
         self.tensorboard_dir = os.path.join(self.workdir, "tb")
