@@ -8,11 +8,12 @@ replaced at every step), the conditional STUNet seeing the masked video ("model"
 Reported: PSNR of the output's frame 0 against the image, and the analytic evaluator's colour /
 shape / motion accuracy and stability.
 
-SDEdit: each clip is edited at strengths 0.5, 0.7 and 0.9 with a prompt that changes only its
-colour (to the next colour of the world). Reported: colour accuracy against the new prompt (and
-against the old one), motion accuracy, and how far the object's track moved: the mean distance
-between the input's and the output's centroids per frame, as a fraction of the frame's short
-side.
+SDEdit: each clip is edited with a prompt that changes only its colour (to the next colour of
+the world), at the strengths and guidance scales of SDEDIT_SETTINGS, with the empty caption in
+guidance's second branch or the clip's own caption as the negative prompt. Reported: colour accuracy
+against the new prompt (and against the old one), motion accuracy, and how far the object's
+track moved: the mean distance between the input's and the output's centroids per frame, as a
+fraction of the frame's short side.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from lumiere_jax.eval.shapes import detect, score_batch
 from lumiere_jax.sampling import load_generator
 
 KEYS = ("colour_acc", "shape_acc", "motion_acc", "stability")
+# SDEdit (strength, guidance, the input's caption as the negative prompt) settings measured.
+SDEDIT_SETTINGS = ((0.5, 3.0, False), (0.5, 3.0, True), (0.5, 6.0, True), (0.5, 10.0, True),
+                   (0.6, 3.0, False), (0.6, 3.0, True), (0.6, 6.0, True),
+                   (0.7, 3.0, False), (0.7, 3.0, True), (0.9, 3.0, False), (0.9, 3.0, True))
 
 
 def _generator(directory: str):
@@ -65,10 +70,14 @@ def _recoloured(prompt: str) -> tuple[str, str]:
 
 
 def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
-           strength: float = 0.5) -> dict[str, float]:
+           strength: float = 0.5, negative: bool = False, guidance: float = 3.0
+           ) -> dict[str, float]:
+    """negative: the clip's own caption is the negative prompt (else the empty caption)."""
     new_prompts = [_recoloured(p)[0] for p in prompts]
-    videos = np.stack([editing.sdedit(generator, clip, prompt, strength, [seed])[0]
-                       for clip, prompt, seed in zip(clips, new_prompts, seeds)])
+    videos = np.stack([
+        editing.sdedit(generator, clip, new, strength, [seed], guidance,
+                       negative_prompt=old if negative else "")[0]
+        for clip, new, old, seed in zip(clips, new_prompts, prompts, seeds)])
     new = score_batch(videos, new_prompts)
     old = score_batch(videos, prompts)
     moved = []
@@ -77,7 +86,9 @@ def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
         with warnings.catch_warnings():  # no object found in any frame: NaN, left out below
             warnings.simplefilter("ignore", RuntimeWarning)
             moved.append(float(np.nanmean(np.linalg.norm(a - b, axis=-1))))
-    return {"strength": strength, "colour_acc_new_prompt": new["colour_acc"],
+    return {"strength": strength, "guidance": guidance,
+            "negative_prompt": "input's caption" if negative else "",
+            "colour_acc_new_prompt": new["colour_acc"],
             "colour_acc_old_prompt": old["colour_acc"], "motion_acc": new["motion_acc"],
             "track_shift": float(np.nanmean(moved)), "stability": new["stability"]}
 
@@ -88,25 +99,31 @@ def main() -> None:
     parser.add_argument("--masked", default="checkpoints/shapes_stunet_masked",
                         help="the conditional STUNet ('' to skip)")
     parser.add_argument("--num", type=int, default=24)
+    parser.add_argument("--skip_i2v", action="store_true", help="only the SDEdit table")
     args = parser.parse_args()
     plain = _generator(args.video)
-    masked = _generator(args.masked) if args.masked else None
+    masked = _generator(args.masked) if args.masked and not args.skip_i2v else None
     source = ShapesSource(world_from_config(read_resolved_config(args.video)), "test", args.num)
     items = [source[i] for i in range(args.num)]
     clips = np.stack([item["video"] for item in items])
     prompts = [item["caption"] for item in items]
     seeds = [1000 + i for i in range(args.num)]
-    report = {"i2v": image_to_video(plain, masked, clips, prompts, seeds),
-              "sdedit": [sdedit(plain, clips, prompts, seeds, s) for s in (0.5, 0.7, 0.9)]}
+    i2v = {} if args.skip_i2v else image_to_video(plain, masked, clips, prompts, seeds)
+    report = {"i2v": i2v,
+              "sdedit": [sdedit(plain, clips, prompts, seeds, s, negative, g)
+                         for s, g, negative in SDEDIT_SETTINGS]}
     print("| image-to-video | frame-0 PSNR (dB) | colour | shape | motion | stability |")
     print("|---|---|---|---|---|---|")
     for name, row in report["i2v"].items():
         print(f"| {name} | {row['frame0_psnr']:.1f} | {row['colour_acc']:.0%} | "
               f"{row['shape_acc']:.0%} | {row['motion_acc']:.0%} | {row['stability']:.3f} |")
-    print("\n| SDEdit strength | colour = new prompt | colour = old | motion | track shift |")
-    print("|---|---|---|---|---|")
+    print("\n| SDEdit strength | guidance | negative prompt | colour = new prompt | colour = old |"
+          " motion | track shift |")
+    print("|---|---|---|---|---|---|---|")
     for row in report["sdedit"]:
-        print(f"| {row['strength']} | {row['colour_acc_new_prompt']:.0%} | "
+        negative = row["negative_prompt"] or "(empty)"
+        print(f"| {row['strength']} | {row['guidance']:g} | {negative} | "
+              f"{row['colour_acc_new_prompt']:.0%} | "
               f"{row['colour_acc_old_prompt']:.0%} | {row['motion_acc']:.0%} | "
               f"{row['track_shift']:.3f} |")
     print(json.dumps(report, indent=1))

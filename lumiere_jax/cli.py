@@ -7,6 +7,7 @@
   lumiere eval   --workdir runs/t2i [--fvd_weights i3d_kinetics400.npz]
   lumiere app i2v|inpaint|outpaint|cinemagraph|sdedit --workdir runs/stunet --prompts TEXT
                  [--image F] [--video F] [--box x0,y0,x1,y1 | --mask F] [--strength 0.5]
+                 [--negative_prompt TEXT]
   lumiere app style --workdir runs/stunet --style STYLE_EXPORT --alpha 0,0.5,1 --prompts TEXT
   lumiere export --workdir runs/t2i --out checkpoints/shapes_t2i
   lumiere demo   --workdir demo_out
@@ -55,6 +56,9 @@ _BOX = flags.DEFINE_string("box", None, "app inpaint/cinemagraph: the region x0,
                            "(pixels, or fractions of the frame).")
 _MASK = flags.DEFINE_string("mask", None, "app inpaint/cinemagraph: the region as a mask image "
                             "(white = region).")
+_NEGATIVE = flags.DEFINE_string(
+    "negative_prompt", "", "sample/app: a caption for guidance to steer away from, in place of "
+    "the empty one (e.g. for sdedit the input video's own caption).")
 _STRENGTH = flags.DEFINE_float("strength", 0.5, "app sdedit: how much to change, in [0, 1].")
 _CONDITIONING = flags.DEFINE_enum(
     "conditioning", "replace", ["replace", "model", "both"],
@@ -139,7 +143,7 @@ def cmd_sample():
                 else [config.sample.guidance])
     paths = sample_to_files(config, _require(_WORKDIR, "sample"), _prompts(),
                             [int(s) for s in _SEEDS.value], guidance, step=_STEP.value,
-                            out=_OUT.value)
+                            out=_OUT.value, negative_prompt=_NEGATIVE.value)
     print("\n".join(paths))
 
 
@@ -184,7 +188,7 @@ def cmd_app(name: str):
     guidance = float(_GUIDANCE.value[0]) if _GUIDANCE.value else config.sample.guidance
     generator, _ = load_generator(config, workdir, _STEP.value)
     t, h, w = generator.sample_shape[:3]
-    how = _CONDITIONING.value
+    how, negative = _CONDITIONING.value, _NEGATIVE.value
 
     def region():
         if bool(_BOX.value) == bool(_MASK.value):
@@ -200,16 +204,19 @@ def cmd_app(name: str):
 
     if name == "i2v":
         image = editing.read_image(_require(_IMAGE, "app i2v"), h, w)
-        videos = editing.image_to_video(generator, image, prompt, seeds, guidance, how)
+        videos = editing.image_to_video(generator, image, prompt, seeds, guidance, how, negative)
     elif name == "inpaint":
-        videos = editing.inpaint(generator, video(), region(), prompt, seeds, guidance, how)
+        videos = editing.inpaint(generator, video(), region(), prompt, seeds, guidance, how,
+                                  negative)
     elif name == "outpaint":
-        videos = editing.outpaint(generator, video(), prompt, seeds, guidance, how)
+        videos = editing.outpaint(generator, video(), prompt, seeds, guidance, how, negative)
     elif name == "cinemagraph":
         image = editing.read_image(_require(_IMAGE, "app cinemagraph"), h, w)
-        videos = editing.cinemagraph(generator, image, region(), prompt, seeds, guidance, how)
+        videos = editing.cinemagraph(generator, image, region(), prompt, seeds, guidance, how,
+                                      negative)
     else:
-        videos = editing.sdedit(generator, video(), prompt, _STRENGTH.value, seeds, guidance)
+        videos = editing.sdedit(generator, video(), prompt, _STRENGTH.value, seeds, guidance,
+                                 negative)
     out = epath.Path(_OUT.value or f"{workdir}/apps/{name}")
     out.mkdir(parents=True, exist_ok=True)
     for seed, result in zip(seeds, videos):

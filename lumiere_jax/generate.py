@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.guidance import classifier_free_guidance
-from lumiere_jax.diffusion.losses import broadcast_null_condition
 from lumiere_jax.diffusion.masks import masked_video
 from lumiere_jax.diffusion.multidiffusion import multidiffusion, window_starts
 from lumiere_jax.diffusion.multidiffusion import window_weights as window_weights_of
@@ -99,8 +98,6 @@ class Generator:
         overlap = overlap if window < frames else 0  # one window: nothing overlaps
         window_starts(frames, window, overlap)  # bad windows fail here, not at the first call
         window_weights_of(window, overlap, window_weights)
-        null = tokenizer.encode_batch([NULL_PROMPT], max_length)
-        self.null_tokens = (jnp.asarray(null.ids), jnp.asarray(null.mask))
 
         def denoiser(model, cond, null_cond, scale, aug, low_res, use_guidance):
             """fn(z, logsnr): the guided prediction (MultiDiffusion windows for a video)."""
@@ -130,7 +127,7 @@ class Generator:
                 start_t, use_guidance, conditioning, batch_mesh):
             model: Denoiser = nnx.merge(self.graphdef, state)
             cond = model.encode_text(ids, mask)
-            null_cond = broadcast_null_condition(model.encode_text(null_ids, null_mask), cond)
+            null_cond = model.encode_text(null_ids, null_mask)
             aug = jnp.full((z_init.shape[0],), aug_logsnr, jnp.float32)
 
             edit = edit or {}
@@ -243,7 +240,8 @@ class Generator:
                  low_res: np.ndarray | None = None, progress: str | None = None, *,
                  known: np.ndarray | None = None, known_mask: np.ndarray | None = None,
                  init: np.ndarray | None = None, strength: float = 1.0,
-                 conditioning: str = "replace") -> np.ndarray:
+                 conditioning: str = "replace",
+                 negative_prompts: Sequence[str] | None = None) -> np.ndarray:
         """uint8 samples [n, *sample_shape] for n prompts with one seed (and scale) each.
 
         low_res: for an SSR model, the low-resolution videos to upsample, [n, t, H/scale,
@@ -260,6 +258,10 @@ class Generator:
         init, strength: SDEdit. init [n, *sample_shape] is noised (with each seed's noise) to
           diffusion time `strength` in [0, 1] and denoised from there with the prompt:
           strength 0 returns init, strength 1 is plain sampling from the seed.
+        negative_prompts: one caption per prompt for guidance to steer away from: the second
+          branch of classifier-free guidance reads it instead of the empty caption, so scale w
+          gives c + (w - 1)(c - c_negative). "" (or None for all) is the empty caption. E.g.
+          SDEdit with the input's own caption as the negative prompt pushes away from it.
         """
         prompts = list(prompts)
         low_res = self._check_low_res(low_res, len(prompts))
@@ -274,6 +276,12 @@ class Generator:
         if np.any(scales < 0):
             raise ValueError(f"guidance scales must be >= 0 (1 = no guidance), got {guidance}")
         tokens = self.tokenizer.encode_batch(prompts, self.max_length)
+        negatives = [NULL_PROMPT] * len(prompts) if negative_prompts is None else [
+            p or NULL_PROMPT for p in negative_prompts]
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts:"
+                             " give one per prompt (\"\" for none)")
+        null = self.tokenizer.encode_batch(negatives, self.max_length)
         out = []
         bar = tqdm(total=len(prompts), desc=progress, unit="sample", disable=progress is None)
         for i in range(0, len(prompts), self.batch_size):
@@ -286,11 +294,11 @@ class Generator:
                            for j in idx])
             z = schedules.correlate_frames(z, self.frame_correlation)
             rng = jax.random.key_data(jax.random.key(int(seeds[i]) + 7919 * i))
-            batch = (tokens.ids[idx], tokens.mask[idx], z, scales[idx],
-                     None if low_res is None else low_res[idx],
+            batch = (tokens.ids[idx], tokens.mask[idx], null.ids[idx], null.mask[idx], z,
+                     scales[idx], None if low_res is None else low_res[idx],
                      {k: v[idx] for k, v in edit.items()} or None)
-            (ids, mask, z, scale, low, batch_edit), (null_ids, null_mask, rng), state, mesh = \
-                self._place(batch, (*self.null_tokens, rng), used)
+            (ids, mask, null_ids, null_mask, z, scale, low, batch_edit), rng, state, mesh = \
+                self._place(batch, rng, used)
             x = self._run(state, ids, mask, null_ids, null_mask, z,
                           jax.random.wrap_key_data(rng), scale, low, batch_edit,
                           start_t=float(strength) if init is not None else 1.0,

@@ -74,15 +74,16 @@ def check_prompts(prompts: Sequence[str]) -> None:
 
 def sample_to_files(config: ConfigDict, workdir: str, prompts: Sequence[str],
                     seeds: Sequence[int], guidance: Sequence[float], step: int | None = None,
-                    out: str | None = None) -> list[str]:
-    """Samples every (prompt, seed, guidance) combination and writes each to `out`."""
+                    out: str | None = None, negative_prompt: str = "") -> list[str]:
+    """Samples every (prompt, seed, guidance) combination and writes each to `out`
+    (negative_prompt: what guidance steers away from, as in Generator)."""
     if any(g < 0 for g in guidance):
         raise ValueError(f"guidance scales must be >= 0, got {list(guidance)}")
     check_prompts(prompts)
     generator, step = load_generator(config, workdir, step)
     items = list(itertools.product(prompts, seeds, guidance))
     samples = generator([p for p, _, _ in items], [s for _, s, _ in items],
-                        [g for _, _, g in items])
+                        [g for _, _, g in items], negative_prompts=[negative_prompt] * len(items))
     out_dir = epath.Path(out or epath.Path(workdir) / "samples" / f"step_{step}")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -129,6 +130,41 @@ def _without_overlap(config: ConfigDict) -> ConfigDict:
     return plain
 
 
+SSR_DIAGNOSTIC_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def ssr_one_step_psnr(generator, config: ConfigDict, truth: np.ndarray,
+                      prompts: Sequence[str]) -> dict[str, float]:
+    """PSNR against the truth of the SSR's one-step estimate of each clip's first window from
+    the window noised to each time of SSR_DIAGNOSTIC_TIMES (diffusion.ssr.one_step_estimates):
+    how well it cleans a noisy clip, and at t = 1 how well it predicts one from the low-res
+    video alone. Keys are the times."""
+    import jax
+    import jax.numpy as jnp
+
+    from lumiere_jax.diffusion.ssr import one_step_estimates
+    from lumiere_jax.eval import video_quality as vq
+
+    graphdef = generator.graphdef
+
+    @jax.jit
+    def apply(state, z, logsnr, cond):
+        return nnx.merge(graphdef, state)(z, logsnr, cond)
+
+    window = config.sample.window or truth.shape[1]
+    tokens = generator.tokenizer.encode_batch(list(prompts), generator.max_length)
+    model = nnx.merge(graphdef, generator.state)
+    cond = model.encode_text(jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
+    x = jnp.asarray(truth[:, :window], jnp.float32) / 127.5 - 1.0
+    ssr = config.model.ssr
+    estimates = one_step_estimates(
+        lambda z, logsnr, c: apply(generator.state, z, logsnr, c), x, cond,
+        jax.random.key(config.eval.seed), Diffusion.from_config(config.diffusion),
+        SSR_DIAGNOSTIC_TIMES, scale=ssr.scale, residual=ssr.get("residual", False),
+        residual_base=ssr.get("residual_base", "bilinear"))
+    return {f"{t:g}": vq.psnr(to_uint8(e), truth[:, :window]) for t, e in estimates.items()}
+
+
 def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = None,
                  fvd_weights: str | None = None) -> dict[str, Any]:
     """The SSR against ground truth on eval.num_samples clips of the seen ('test') and held-out
@@ -137,7 +173,8 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
     aggregation), and by bilinear and bicubic interpolation. Reports PSNR/SSIM of each against
     the clip, the seam ratio (eval.video_quality) of each SSR variant at its own window edges
     and of the ground truth at the same edges, and the analytic shapes scores of the SSR's
-    videos; writes step_N.json and a contact sheet (truth, bicubic, SSR without and with
+    videos, and the PSNR of its one-step estimates by noise level (ssr_one_step_psnr); writes
+    step_N.json and a contact sheet (truth, bicubic, SSR without and with
     aggregation) to `out`. With fvd_weights (an I3D .npz), also the FVD of the SSR's videos
     against the clips (fvd_ssr)."""
     import jax
@@ -179,6 +216,7 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
         summary[f"seam_ratio_{name}"] = vq.seam_ratio(methods[name], at)
         summary[f"seam_ratio_truth_at_{name}_edges"] = vq.seam_ratio(truth, at)
     summary["shapes_ssr"] = score_batch(methods["ssr"], prompts)
+    summary["psnr_one_step_by_time"] = ssr_one_step_psnr(generator, config, truth, prompts)
     if i3d is not None:
         summary["fvd_ssr"] = fvd_score(i3d, truth, methods["ssr"])
     out_dir = epath.Path(out)

@@ -36,6 +36,20 @@ def generator(model_dir):
     return load_generator(read_resolved_config(model_dir), model_dir)[0]
 
 
+@pytest.fixture(scope="module")
+def text_generator(model_dir):
+    """The model with every float parameter perturbed: its zero-initialised output layers
+    (cross-attention included) no longer hide the prompt, so prompts change the samples."""
+    import jax
+
+    from lumiere_jax.config import read_resolved_config
+    generator = load_generator(read_resolved_config(model_dir), model_dir)[0]
+    rng = np.random.default_rng(0)
+    return generator.with_params(jax.tree.map(
+        lambda p: p + 0.2 * rng.standard_normal(p.shape).astype(p.dtype)
+        if np.issubdtype(p.dtype, np.floating) else p, generator.state))
+
+
 def _video(seed=0):
     return np.random.default_rng(seed).integers(0, 256, (T, H, W, 3), np.uint8)
 
@@ -87,6 +101,26 @@ def test_sdedit_endpoints(generator):
         editing.sdedit(generator, video, PROMPT, 1.5, [0])
 
 
+def test_negative_prompt_takes_the_empty_captions_place_in_guidance(text_generator):
+    """Scale w gives w * c(prompt) + (1 - w) * c(negative): at w = 0 that is the negative
+    prompt's own conditional sample; "" is the empty caption (the default)."""
+    generator = text_generator
+    other = "a large blue square moving up on a white background"
+    default = generator([PROMPT], [2], 3.0)
+    np.testing.assert_array_equal(generator([PROMPT], [2], 3.0, negative_prompts=[""]), default)
+    steered = generator([PROMPT], [2], 3.0, negative_prompts=[other])
+    assert np.abs(steered.astype(int) - default).mean() > 1
+    swapped = generator([PROMPT], [2], 0.0, negative_prompts=[other]).astype(int)
+    diff = np.abs(swapped - generator([other], [2], 1.0))  # [cond; null] batch vs one call
+    assert diff.max() <= 1 and diff.mean() < 0.01
+    edited = editing.sdedit(generator, _video(), other, 0.5, [5], negative_prompt=PROMPT)
+    assert not np.array_equal(edited, editing.sdedit(generator, _video(), other, 0.5, [5]))
+    with pytest.raises(ValueError, match="give one per prompt"):
+        generator([PROMPT, other], [2, 3], 3.0, negative_prompts=[other])
+    with pytest.raises(ValueError, match="purple"):
+        generator([PROMPT], [2], 3.0, negative_prompts=["a purple circle"])
+
+
 def test_bad_inputs(generator, tmp_path):
     with pytest.raises(ValueError, match="write x0,y0,x1,y1"):
         editing.box_region("1,2,3", H, W)
@@ -129,6 +163,12 @@ def test_cli_app_writes_videos_and_reports_bad_input(model_dir, tmp_path):
     frames, _ = video_io.read_video(tmp_path / "out" / (
         "a_small_red_circle_moving_left_on_a_black_backgr_seed0.mp4"))
     assert frames.shape == (T, H, W, 3)
+    result = lumiere("sdedit", "--video", str(tmp_path / "out" / (
+        "a_small_red_circle_moving_left_on_a_black_backgr_seed0.mp4")), "--strength", "0.6",
+        "--negative_prompt", "a small blue circle moving left on a black background",
+        "--out", str(tmp_path / "edit"))
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "edit").glob("*.mp4"))) == 1
     result = lumiere("cinemagraph", "--image", str(image))
     assert result.returncode != 0 and "needs the region: --box or --mask" in result.stderr
     result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"))

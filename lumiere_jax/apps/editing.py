@@ -115,16 +115,18 @@ def _check_region(region: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _sample_known(generator: Generator, prompt: str, seeds: Sequence[int], guidance: float,
-                  known: np.ndarray, keep: np.ndarray, conditioning: str) -> np.ndarray:
+                  known: np.ndarray, keep: np.ndarray, conditioning: str,
+                  negative_prompt: str) -> np.ndarray:
     n = len(seeds)
     return generator([prompt] * n, list(seeds), guidance,
                      known=np.broadcast_to(known, (n, *known.shape)),
                      known_mask=np.broadcast_to(keep, (n, *known.shape[:-1], 1)),
-                     conditioning=conditioning)
+                     conditioning=conditioning, negative_prompts=[negative_prompt] * n)
 
 
 def image_to_video(generator: Generator, image: np.ndarray, prompt: str, seeds: Sequence[int],
-                   guidance: float = 3.0, conditioning: str = "replace") -> np.ndarray:
+                   guidance: float = 3.0, conditioning: str = "replace",
+                   negative_prompt: str = "") -> np.ndarray:
     """Videos [n, t, h, w, 3] whose frame 0 is `image` (uint8 [h, w, 3]); exactly so unless
     conditioning="model" (then the conditional model follows the image as well as it can)."""
     t, h, w = _video_shape(generator)
@@ -132,12 +134,13 @@ def image_to_video(generator: Generator, image: np.ndarray, prompt: str, seeds: 
     known[0] = fit_frame(image, h, w, "image")
     keep = np.zeros((t, h, w, 1), np.float32)
     keep[0] = 1.0
-    return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning)
+    return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning,
+                         negative_prompt)
 
 
 def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt: str,
             seeds: Sequence[int], guidance: float = 3.0,
-            conditioning: str = "replace") -> np.ndarray:
+            conditioning: str = "replace", negative_prompt: str = "") -> np.ndarray:
     """`video` (uint8 [t, h, w, 3]) with `region` regenerated: region [h, w(, 1)] for every
     frame or [t, h, w, 1] per frame, 1 = generate. Elsewhere the output equals the input."""
     t, h, w = _video_shape(generator)
@@ -148,11 +151,12 @@ def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt:
               else np.asarray(region, np.float32))
     keep = np.broadcast_to(1.0 - region, (t, h, w, 1))
     return _sample_known(generator, prompt, seeds, guidance, np.asarray(video), keep,
-                         conditioning)
+                         conditioning, negative_prompt)
 
 
 def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequence[int],
-             guidance: float = 3.0, conditioning: str = "replace") -> np.ndarray:
+             guidance: float = 3.0, conditioning: str = "replace",
+             negative_prompt: str = "") -> np.ndarray:
     """A smaller video (uint8 [t, h', w', 3]) centred on the model's canvas, the border
     generated; the centre equals the input."""
     t, h, w = _video_shape(generator)
@@ -165,29 +169,36 @@ def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequen
     known[:, top:top + vh, left:left + vw] = video
     keep = np.zeros((t, h, w, 1), np.float32)
     keep[:, top:top + vh, left:left + vw] = 1.0
-    return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning)
+    return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning,
+                         negative_prompt)
 
 
 def cinemagraph(generator: Generator, image: np.ndarray, region: np.ndarray, prompt: str,
                 seeds: Sequence[int], guidance: float = 3.0,
-                conditioning: str = "replace") -> np.ndarray:
+                conditioning: str = "replace", negative_prompt: str = "") -> np.ndarray:
     """Videos where every frame equals `image` outside `region` ([h, w(, 1)], 1 = animate)
     and the region moves as the prompt says."""
     t, h, w = _video_shape(generator)
     image = fit_frame(image, h, w, "image")
     keep = np.broadcast_to(1.0 - _check_region(region, h, w), (t, h, w, 1))
     return _sample_known(generator, prompt, seeds, guidance, np.broadcast_to(image, (t, h, w, 3)),
-                         keep, conditioning)
+                         keep, conditioning, negative_prompt)
 
 
 def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float,
-           seeds: Sequence[int], guidance: float = 3.0) -> np.ndarray:
+           seeds: Sequence[int], guidance: float = 3.0,
+           negative_prompt: str = "") -> np.ndarray:
     """`video` (uint8 [t, h, w, 3]) edited towards `prompt`: noised to diffusion time
-    `strength` (0: unchanged, 1: a new video from the seed) and denoised with the prompt."""
+    `strength` (0: unchanged, 1: a new video from the seed) and denoised with the prompt.
+
+    negative_prompt: what guidance steers away from instead of the empty caption; the input's
+    own caption makes the edit change what differs between the two captions (e.g. the colour)
+    at a strength low enough to keep the rest (README "Applications")."""
     t, h, w = _video_shape(generator)
     if np.shape(video) != (t, h, w, 3):
         raise ValueError(f"sdedit: the video must have the model's shape {(t, h, w, 3)}, got "
                          f"{np.shape(video)} (read files with read_clip)")
     n = len(seeds)
     return generator([prompt] * n, list(seeds), guidance, strength=strength,
-                     init=np.broadcast_to(np.asarray(video), (n, t, h, w, 3)))
+                     init=np.broadcast_to(np.asarray(video), (n, t, h, w, 3)),
+                     negative_prompts=[negative_prompt] * n)
