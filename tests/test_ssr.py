@@ -281,6 +281,34 @@ def test_residual_ssr_loss_is_the_loss_of_the_residual_over_the_upsampled_input(
     assert float(jnp.abs(r).mean()) < float(jnp.abs(x_high).mean())
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_one_step_estimates_of_an_oracle_are_the_clip(residual):
+    """A model that outputs the exact v of the (residual) clip and the noise gives back the clip
+    at every level; at t = 1 one that outputs zeros gives the base (nothing learned: the
+    interpolation for a residual SSR, zeros otherwise)."""
+    from lumiere_jax.diffusion import schedules
+    from lumiere_jax.diffusion.ssr import one_step_estimates
+    diffusion = Diffusion()
+    x_high = jnp.tanh(normal((2, 2, 8, 8, 3), 5))
+    base = upsample_video(downsample_video(x_high, 2), (8, 8), "bicubic") if residual else 0.0
+    rng, times = jax.random.key(1), (0.2, 0.6, 1.0)
+    noise = jax.random.normal(rng, x_high.shape)
+
+    def oracle(z, logsnr, cond):
+        assert cond["low_res"].shape == (2, 2, 4, 4, 3) and "text" in cond
+        return schedules.v_from_x0_eps(x_high - base, noise, logsnr)
+
+    kwargs = dict(scale=2, residual=residual, residual_base="bicubic")
+    cond = {"text": jnp.zeros((2, 3, 4))}
+    for t, estimate in one_step_estimates(oracle, x_high, cond, rng, diffusion, times,
+                                          **kwargs).items():
+        np.testing.assert_allclose(estimate, x_high, atol=2e-5, err_msg=f"t={t}")
+    zero = one_step_estimates(lambda z, logsnr, c: jnp.zeros_like(z), x_high, cond, rng,
+                              diffusion, times, **kwargs)
+    np.testing.assert_allclose(zero[1.0], jnp.broadcast_to(base, x_high.shape), atol=1e-3)
+    assert float(jnp.abs(zero[0.2] - x_high).mean()) < float(jnp.abs(zero[1.0] - x_high).mean())
+
+
 def test_residual_base_is_checked_and_bicubic_stays_in_range():
     with pytest.raises(ValueError, match="residual_base must be one of"):
         dataclasses.replace(CFG, residual_base="nearest")

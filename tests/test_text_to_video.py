@@ -101,6 +101,9 @@ def test_ssr_eval_compares_with_interpolation_and_measures_seams(ssr_run, tmp_pa
     assert s["psnr_bicubic"] > 20 and s["psnr_bilinear"] > 20
     assert s["psnr_ssr"] < s["psnr_bicubic"]
     assert 0 < s["ssim_ssr"] < 1
+    by_time = s["psnr_one_step_by_time"]
+    assert list(by_time) == ["0.1", "0.3", "0.5", "0.7", "0.9", "1"]
+    assert by_time["0.1"] > by_time["1"]  # the less noise, the more the clip itself tells
     for name in ("ssr", "ssr_no_aggregation"):
         assert np.isfinite(s[f"seam_ratio_{name}"])
         assert s[f"seam_ratio_truth_at_{name}_edges"] == pytest.approx(1.0, abs=0.3)

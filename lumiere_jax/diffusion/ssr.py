@@ -128,3 +128,41 @@ def ssr_loss(
     loss, aux = diffusion_loss(model_fn, target, ssr_condition(cond, low_res, aug_logsnr),
                                loss_rng, diffusion, mask=mask, example_weight=example_weight)
     return loss, {**aux, "aug_logsnr": aug_logsnr}
+
+
+def one_step_estimates(
+    model_fn: ModelFn,
+    x_high: jax.Array,
+    cond: Mapping[str, Any],
+    rng: jax.Array,
+    diffusion: Diffusion,
+    times: tuple[float, ...],
+    *,
+    scale: int,
+    residual: bool = False,
+    residual_base: str = "bilinear",
+) -> dict[float, jax.Array]:
+    """{t: the model's one-step estimate of x_high from x_high noised to diffusion time t}, the
+    low-res condition clean; the same noise at every t.
+
+    A diagnostic of what an SSR has learned. At small t the noisy clip itself carries most of
+    the detail and the estimate only has to clean it; at t = 1 nothing but the low-res video
+    is left, so that estimate is the model's regression of the clip on the low-res video,
+    which every sample starts from. Arguments as in ssr_loss.
+    """
+    low_res = downsample_video(x_high, scale)
+    base = (upsample_video(low_res, x_high.shape[-3:-1], residual_base).astype(x_high.dtype)
+            if residual else jnp.zeros_like(x_high))
+    target = x_high - base
+    noise = jax.random.normal(rng, target.shape, target.dtype)
+    batch = x_high.shape[0]
+    cond = ssr_condition(cond, low_res, jnp.full((batch,), jnp.inf, jnp.float32))
+    estimates = {}
+    for t in times:
+        logsnr = jnp.full((batch,), diffusion.logsnr(t), jnp.float32)
+        alpha, sigma = schedules.alpha_sigma(schedules.per_example(logsnr, target))
+        z = alpha * target + sigma * noise
+        x0, _ = schedules.x0_eps_from_prediction(diffusion.prediction, model_fn(z, logsnr, cond),
+                                                 z, logsnr)
+        estimates[t] = base + x0
+    return estimates
