@@ -1,5 +1,6 @@
-"""Image-to-video both ways, and SDEdit at strength 0.5, measured: `python -m bench.bench_apps
-[--video checkpoints/shapes_stunet] [--masked checkpoints/shapes_stunet_masked] [--num 24]`.
+"""Image-to-video both ways, and SDEdit, measured: `python -m bench.bench_apps [--video
+checkpoints/shapes_stunet] [--masked checkpoints/shapes_stunet_masked] [--num 24]
+[--only i2v|sdedit]`.
 
 Image-to-video: the first frame of each of the first --num ground-truth clips of the world's
 'test' split is the given image; the clip's caption is the prompt; seeds 1000 + i. Three ways,
@@ -99,19 +100,18 @@ def main() -> None:
     parser.add_argument("--masked", default="checkpoints/shapes_stunet_masked",
                         help="the conditional STUNet ('' to skip)")
     parser.add_argument("--num", type=int, default=24)
-    parser.add_argument("--skip_i2v", action="store_true", help="only the SDEdit table")
+    parser.add_argument("--only", choices=("i2v", "sdedit"), help="one of the two tables")
     args = parser.parse_args()
     plain = _generator(args.video)
-    masked = _generator(args.masked) if args.masked and not args.skip_i2v else None
+    masked = _generator(args.masked) if args.masked and args.only != "sdedit" else None
     source = ShapesSource(world_from_config(read_resolved_config(args.video)), "test", args.num)
     items = [source[i] for i in range(args.num)]
     clips = np.stack([item["video"] for item in items])
     prompts = [item["caption"] for item in items]
     seeds = [1000 + i for i in range(args.num)]
-    i2v = {} if args.skip_i2v else image_to_video(plain, masked, clips, prompts, seeds)
-    report = {"i2v": i2v,
-              "sdedit": [sdedit(plain, clips, prompts, seeds, s, negative, g)
-                         for s, g, negative in SDEDIT_SETTINGS]}
+    i2v = {} if args.only == "sdedit" else image_to_video(plain, masked, clips, prompts, seeds)
+    report = {"i2v": i2v, "sdedit": [] if args.only == "i2v" else [
+        sdedit(plain, clips, prompts, seeds, s, negative, g) for s, g, negative in SDEDIT_SETTINGS]}
     print("| image-to-video | frame-0 PSNR (dB) | colour | shape | motion | stability |")
     print("|---|---|---|---|---|---|")
     for name, row in report["i2v"].items():

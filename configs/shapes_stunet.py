@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     arg = parse_config_arg(arg, smoke=False, steps=0, batch=4, sampling="all",
                            sampling_init="nearest", attention=True, channels=16,
                            frame_correlation=0.0, text=False, conv_spatial=1, masked=False,
-                           init_from="")
+                           init_from="", shift=0.0)
     # The masked variant fine-tunes a trained STUNet; the plain one inflates the image model.
     init_from = arg.init_from or ("checkpoints/shapes_stunet" if arg.masked
                                   else "checkpoints/shapes_t2i")
@@ -73,7 +73,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                       temporal_text=arg.text, cond_channels=4 if arg.masked else 0))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
                        loss_weighting="none", thresholding="dynamic",
-                       frame_correlation=arg.frame_correlation)
+                       frame_correlation=arg.frame_correlation,
+                       shift=arg.shift)  # log-SNR shift; < 0 trains and samples noisier
     c.train = dict(
         steps=steps, decay_steps=0, batch_size=arg.batch, lr=1e-3, end_lr_factor=0.1,
         warmup_steps=50,
