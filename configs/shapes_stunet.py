@@ -3,7 +3,7 @@ r"""Stage 1: inflate the stage-0 text-to-image model into a STUNet and train onl
 16 frames at 32x32 (8 fps) of the built-in world. The spatial U-Net and the T5 encoder come
 from the stage-0 export (`init_from`) and stay frozen (bit-identical); only `net/temporal`
 (temporal convolutions at 32x32 and 16x16, temporal attention at 8x8, temporal down/up-sampling
-initialised to averaging / repeating) is trained. Three choices beyond the paper's recipe,
+initialised to averaging / repeating) is trained. Four choices beyond the paper's recipe,
 each a switch (README "Stage 1" has what they did):
   - `text`: the temporal layers read the caption through their own attention pooling
     (model.temporal.temporal_text): the frozen text path, trained on stills, carries the
@@ -11,6 +11,8 @@ each a switch (README "Stage 1" has what they did):
   - `conv_spatial=3`: each temporal convolution has its own 3x3 spatial part, (2+1)D
     (model.temporal.temporal_conv_spatial; 1 = the paper's 3x1x1 next to the frozen 3x3);
   - `frame_correlation=0.5`: noise correlated across frames (PYoCo's mixed prior).
+  - `shift=-2`: the log-SNR shift of simple diffusion (diffusion.shift), training and
+    sampling noisier, where the caption has to decide the direction.
 
 Run (2 CPU cores: 0.6-0.7 s per step idle, 2600 steps in about 30 minutes):
   lumiere train --config configs/shapes_stunet.py --workdir runs/stunet
