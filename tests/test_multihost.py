@@ -65,7 +65,11 @@ def _two_processes(workdir, steps: int) -> None:
                    f"--process_id={i}"),
         env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:  # a hung collective must not leave the processes behind
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 import jax
 import numpy as np
@@ -47,10 +48,17 @@ class PreemptionGuard:
         """Whether this process got the signal (no agreement; use should_stop in the loop)."""
         return self._requested.is_set()
 
-    def should_stop(self) -> bool:
+    def should_stop(self, after: Any = None) -> bool:
         """True on every process once any process got the signal. Collective: every process
-        must call it at the same step."""
+        must call it at the same step.
+
+        after: arrays of the work in flight (e.g. the step's outputs), finished first. CPU
+        collectives (gloo) pair up by order across processes; with the step's all-reduces still
+        running, the agreement's gather could pair with one of them and hang both processes
+        (seen on a loaded 2-core machine). The gather waits for the step anyway, so waiting
+        first costs nothing."""
         local = np.asarray([self._requested.is_set()], np.int32)
         if jax.process_count() == 1:
             return bool(local[0])
+        jax.block_until_ready(after)
         return bool(np.max(multihost_utils.process_allgather(local)))

@@ -424,7 +424,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                     last = _log(writer, *pending, train_cfg, bar, t0, flops)
                 pending = (step, metrics)
                 t0 = time.perf_counter()
-                preempted = train_cfg.get("preemption", True) and guard.should_stop()
+                preempted = (train_cfg.get("preemption", True)
+                             and guard.should_stop(after=(state, metrics)))
                 if (step % train_cfg.ckpt_every == 0 or step == train_cfg.steps
                         or preempted):
                     last = _log(writer, *pending, train_cfg, bar, t0, flops)
