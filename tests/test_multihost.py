@@ -67,9 +67,12 @@ def _two_processes(workdir, steps: int) -> None:
         for i in range(2)]
     try:
         outputs = [p.communicate(timeout=600) for p in procs]
-    finally:  # a hung collective must not leave the processes behind
+    except subprocess.TimeoutExpired:  # kill both, and show what each had said
         for p in procs:
             p.kill()
+        errors = [p.communicate()[1][-3000:] for p in procs]
+        pytest.fail("two-process training timed out; stderr of process 0, then 1:\n"
+                    + "\n-----\n".join(errors))
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
 
