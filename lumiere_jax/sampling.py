@@ -156,12 +156,12 @@ def ssr_one_step_psnr(generator, config: ConfigDict, truth: np.ndarray,
     model = nnx.merge(graphdef, generator.state)
     cond = model.encode_text(jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
     x = jnp.asarray(truth[:, :window], jnp.float32) / 127.5 - 1.0
-    ssr = config.model.ssr
+    ssr = model.net.cfg  # the model's own settings, as the Generator reads them
     estimates = one_step_estimates(
         lambda z, logsnr, c: apply(generator.state, z, logsnr, c), x, cond,
         jax.random.key(config.eval.seed), Diffusion.from_config(config.diffusion),
-        SSR_DIAGNOSTIC_TIMES, scale=ssr.scale, residual=ssr.get("residual", False),
-        residual_base=ssr.get("residual_base", "bilinear"))
+        SSR_DIAGNOSTIC_TIMES, scale=ssr.scale, residual=ssr.residual,
+        residual_base=ssr.residual_base)
     return {f"{t:g}": vq.psnr(to_uint8(e), truth[:, :window]) for t, e in estimates.items()}
 
 
