@@ -51,8 +51,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.init_from = init_from  # an export of the stage-0 model (`lumiere export`)
-    if arg.masked:  # the stage-1 export, plus the new zero-initialised conditioning input
-        c.init_new_params = "^net/temporal/cond_in/"
+    # From an export of a STUNet (`init_from=...`, or the masked variant's default): the
+    # parameters it may lack, which keep their initialisation. From the image model: ignored
+    # (inflation makes all of net/temporal new).
+    c.init_new_params = "^net/temporal/cond_in/" if arg.masked else r"$^"
     c.world = dict(num_frames=16, height=32, width=32, fps=8.0, seed=0)
     # source: 'shapes' (generated on the fly), 'shards' (data.path: `lumiere data synth` or
     # `lumiere data import` output) or 'tfds' (data.tfds_name, data.path = its data_dir).

@@ -174,3 +174,56 @@ def test_cli_app_writes_videos_and_reports_bad_input(model_dir, tmp_path):
     result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"))
     assert result.returncode != 0 and "no video file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_motion_word_gaps_measure_whether_the_model_reads_the_motion_word(text_generator,
+                                                                          model_dir):
+    """`lumiere eval`'s probe: the v-MSE with each clip's caption and with the opposite
+    motion's, per log-SNR. Recomputed here for one level; a model whose text encoder outputs
+    nothing (every caption alike) has a gap of exactly 0 and never 'wins'."""
+    import jax
+    import jax.numpy as jnp
+
+    from lumiere_jax.config import read_resolved_config
+    from lumiere_jax.data.pipeline import world_from_config
+    from lumiere_jax.data.synthetic import ShapesSource, caption_for, opposite_motion
+    from lumiere_jax.diffusion.schedules import Diffusion
+    from lumiere_jax.sampling import MOTION_PROBE_LOGSNRS, motion_word_gaps
+
+    config = read_resolved_config(model_dir)
+    gaps = motion_word_gaps(text_generator, config, 4)
+    assert list(gaps) == [f"{x:g}" for x in MOTION_PROBE_LOGSNRS]
+    assert all(abs(g["gap"]) > 1e-6 for g in gaps.values()), gaps  # the prompt matters
+
+    source = ShapesSource(world_from_config(config), "test", 64)
+    clips = [ex for ex in (source[i] for i in range(64)) if ex["attrs"]["motion"] != "still"][:4]
+    x = jnp.asarray(np.stack([ex["video"] for ex in clips]), jnp.float32) / 127.5 - 1
+    eps = Diffusion.from_config(config.diffusion).noise(jax.random.key(config.eval.seed), x.shape)
+    model = nnx.merge(text_generator.graphdef, text_generator.state)
+    alpha, sigma = np.sqrt(1 / (1 + np.e ** 2)), np.sqrt(1 / (1 + np.e ** -2))  # log-SNR -2
+    errors = []
+    for captions in ([ex["caption"] for ex in clips],
+                     [caption_for({**ex["attrs"], "motion": opposite_motion(ex["attrs"]["motion"])})
+                      for ex in clips]):
+        t = text_generator.tokenizer.encode_batch(captions, text_generator.max_length)
+        v = model(alpha * x + sigma * eps, jnp.full((4,), -2.0),
+                  model.encode_text(jnp.asarray(t.ids), jnp.asarray(t.mask)))
+        errors.append(np.asarray(jnp.mean((v - (alpha * eps - sigma * x)) ** 2, axis=(1, 2, 3, 4))))
+    assert gaps["-2"]["true"] == pytest.approx(errors[0].mean(), rel=1e-4)
+    assert gaps["-2"]["gap"] == pytest.approx((errors[1] - errors[0]).mean(), rel=1e-3, abs=1e-7)
+    assert gaps["-2"]["wins"] == np.mean(errors[0] < errors[1])
+
+    blind = text_generator.with_params(jax.tree_util.tree_map_with_path(
+        lambda path, p: p * 0 if "text_encoder" in jax.tree_util.keystr(path) else p,
+        text_generator.state))
+    for g in motion_word_gaps(blind, config, 4).values():
+        assert g["gap"] == 0.0 and g["wins"] == 0.0 and g["true"] > 0
+
+
+def test_opposite_motion():
+    from lumiere_jax.data.synthetic import opposite_motion
+
+    assert [opposite_motion(m) for m in ("left", "up", "up-right")] == ["right", "down",
+                                                                       "down-left"]
+    with pytest.raises(ValueError, match="'still' has no opposite"):
+        opposite_motion("still")

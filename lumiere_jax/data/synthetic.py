@@ -390,6 +390,15 @@ _WORD_TO_ATTRIBUTE: dict[str, tuple[str, str]] = {
 VOCABULARY: tuple[str, ...] = tuple(sorted(set(_WORD_TO_ATTRIBUTE) | set(_FILLER_WORDS)))
 
 
+def opposite_motion(motion: str) -> str:
+    """The motion in the opposite direction ("left" -> "right", "up-right" -> "down-left")."""
+    if motion not in MOTION_DIRECTIONS or motion == "still":
+        raise ValueError(f"{motion!r} has no opposite; moving motions: "
+                         f"{', '.join(m for m in MOTIONS if m != 'still')}")
+    dx, dy = MOTION_DIRECTIONS[motion]
+    return next(m for m, d in MOTION_DIRECTIONS.items() if d == (-dx, -dy))
+
+
 def caption_for(attrs: dict[str, Any]) -> str:
     """Caption of `attrs`; None attributes are left out ("a red circle", "a small shape")."""
     check_attributes(attrs)
