@@ -324,7 +324,8 @@ def evaluate_generator(generator, config: ConfigDict, out: str, step: int | str,
         details[split] = prompts
         sheet = video_io.contact_sheet(list(videos[:16]), labels=prompts[:16])
         video_io.write_png(str(out_dir / f"step_{step}_{split}.png"), sheet)
-    if world.num_frames > 1 and isinstance(generator, Generator):  # does it read motion words?
+    if isinstance(generator, Generator) and len(generator.sample_shape) == 4:  # a video model:
+        # does it read the motion words?
         summary["motion_word"] = motion_word_gaps(generator, config, min(n, MOTION_PROBE_CLIPS))
     report = {"summary": summary, "prompts": details,
               "files": [str(out_dir / f"step_{step}_{split}.png") for split in details]}

@@ -107,6 +107,7 @@ def test_sample_and_eval_write_files(run_dir, tmp_path):
         assert report["summary"][split]["n"] == config.eval.num_samples
         assert 0.0 <= report["summary"][split]["colour_acc"] <= 1.0
     assert (run_dir / "eval" / "step_4.json").exists()
+    assert "motion_word" not in report["summary"]  # an image model: no motion to probe
     with pytest.raises(ValueError, match="empty prompt"):
         sample_to_files(config, str(run_dir), ["  "], [0], [1.0], out=str(tmp_path))
     with pytest.raises(ValueError, match="circel.*did you mean 'circle'"):
