@@ -22,6 +22,7 @@ from lumiere_jax.data.synthetic import (
     opposite_motion,
     parse_caption,
 )
+from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.eval.shapes import score_batch
 from lumiere_jax.generate import Generator, to_uint8
@@ -178,8 +179,9 @@ MOTION_PROBE_CLIPS = 32  # `lumiere eval` probes at most this many (fewer if eva
 def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[str, float]]:
     """Does the video model read the caption's motion word? For the first n moving clips of
     the seen ('test') split, noised (the config's frame-correlated noise, one draw) to each
-    log-SNR of MOTION_PROBE_LOGSNRS: the v-MSE of the model's prediction with the clip's own
-    caption ('true') and with the caption naming the opposite motion ('opposite'), their
+    log-SNR of MOTION_PROBE_LOGSNRS: the MSE of the model's prediction of its target (v or
+    eps) with the clip's own caption ('true') and with the caption naming the opposite
+    motion ('opposite'), their
     difference ('gap', > 0 when the motion word helps) and the fraction of clips on which
     the true caption gives the lower error ('wins'). Keys are the log-SNRs.
 
@@ -199,17 +201,18 @@ def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[st
     wrong = [caption_for({**ex["attrs"], "motion": opposite_motion(ex["attrs"]["motion"])})
              for ex in clips]
     x = jnp.asarray(np.stack([ex["video"] for ex in clips]), jnp.float32) / 127.5 - 1.0
-    eps = Diffusion.from_config(config.diffusion).noise(jax.random.key(config.eval.seed),
-                                                       x.shape)
+    diffusion = Diffusion.from_config(config.diffusion)
+    eps = diffusion.noise(jax.random.key(config.eval.seed), x.shape)
     graphdef = generator.graphdef
 
     @jax.jit
-    def errors(state, ids, mask, logsnr):  # per clip
+    def errors(state, ids, mask, logsnr):  # per clip, in the model's target units
         model = nnx.merge(graphdef, state)
-        alpha, sigma = jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
-        v = model(alpha * x + sigma * eps, jnp.full((x.shape[0],), logsnr),
-                  model.encode_text(ids, mask))
-        return jnp.mean((v - (alpha * eps - sigma * x)) ** 2, axis=(1, 2, 3, 4))
+        alpha, sigma = schedules.alpha_sigma(logsnr)
+        prediction = model(alpha * x + sigma * eps, jnp.full((x.shape[0],), logsnr),
+                           model.encode_text(ids, mask))
+        target = schedules.prediction_from_x0_eps(diffusion.prediction, x, eps, logsnr)
+        return jnp.mean((prediction - target) ** 2, axis=(1, 2, 3, 4))
 
     tokens = [generator.tokenizer.encode_batch(c, generator.max_length)
               for c in ([ex["caption"] for ex in clips], wrong)]
