@@ -181,11 +181,12 @@ def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[st
     the seen ('test') split, noised (the config's frame-correlated noise, one draw) to each
     log-SNR of MOTION_PROBE_LOGSNRS: the MSE of the model's prediction of its target (v or
     eps) with the clip's own caption ('true') and with the caption naming the opposite
-    motion ('opposite'), their
-    difference ('gap', > 0 when the motion word helps) and the fraction of clips on which
-    the true caption gives the lower error ('wins'). Keys are the log-SNRs.
+    motion ('opposite'), their difference ('gap', > 0 when the motion word helps) and the
+    fraction of clips on which the true caption gives the strictly lower error ('wins').
+    Keys are the log-SNRs.
 
-    A model that ignores the word has gap 0 and wins near 0.5. The gap a perfect model
+    A model that ignores the word has gap 0 and wins near 0.5 (exactly 0 when both captions
+    encode alike, as ties do not count). The gap a perfect model
     reaches is largest at low log-SNR, where the caption is all it has to place the object
     in each frame; a sampled clip moves as its caption says only if that gap is there.
     """
@@ -194,8 +195,9 @@ def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[st
 
     world = world_from_config(config)
     source = ShapesSource(world, "test", max(8 * n, 64))
-    clips = [ex for ex in (source[i] for i in range(len(source)))
-             if ex["attrs"]["motion"] != "still"][:n]
+    moving = (ex for ex in map(source.__getitem__, range(len(source)))
+              if ex["attrs"]["motion"] != "still")
+    clips = list(itertools.islice(moving, n))  # renders only until n are found
     if not clips:
         raise ValueError("motion_word_gaps needs a video world (num_frames > 1) with moving clips")
     wrong = [caption_for({**ex["attrs"], "motion": opposite_motion(ex["attrs"]["motion"])})
