@@ -455,14 +455,6 @@ def _remove_tree(path: epath.Path) -> None:
         path.rmtree(missing_ok=True)
 
 
-def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def run_sweep(sweep_config: ConfigDict, out_dir: str, progress: bool = True,
               process_index: int | None = None, process_count: int | None = None
               ) -> dict[str, Any]:
@@ -515,7 +507,8 @@ def run_sweep(sweep_config: ConfigDict, out_dir: str, progress: bool = True,
                     bar.update(1)
             del group
         bar.close()
-    _barrier("lumiere_sweep_items_done")
+    from lumiere_jax.parallel.distributed import barrier
+    barrier("sweep_items_done")  # processes finish their shares minutes apart
     summary = {"items": len(items), "owned": len(owned), "done_now": len(pending),
                "skipped": len(finished), "adopted": len(adopted), "removed": removed,
                "out": os.fspath(out)}

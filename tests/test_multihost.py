@@ -57,33 +57,58 @@ def _losses(workdir) -> dict[int, float]:
     return dict(rows)
 
 
-def _two_processes(workdir, steps: int) -> None:
+# Process 1 of a two-process run compiling its train step `seconds` later than process 0.
+SLOW_COMPILE = ("import sys, time\n"
+                "from lumiere_jax.train import trainer\n"
+                "flops = trainer.step_flops\n"
+                "def slow(*args):\n"
+                "    time.sleep({seconds})\n"
+                "    return flops(*args)\n"
+                "trainer.step_flops = slow\n"
+                "from lumiere_jax import cli\n"
+                "cli.run()\n")
+
+
+def _said(err: str) -> str:
+    """What a process's stderr says: its last Python traceback (an abort's stack dump that
+    follows would push it out of the tail), then the tail, without stack addresses."""
+    text = "\n".join(line for line in err.splitlines() if not line.lstrip().startswith("@"))
+    start = text.rfind("Traceback (most recent call last)")
+    return (text[start:start + 3000] + "\n...\n" if start >= 0 else "") + text[-1500:]
+
+
+def _two_processes(workdir, steps: int, slow_compile: float = 0) -> None:
     port = _free_port()
-    procs = [subprocess.Popen(
-        _train_cmd(workdir, f"--config.train.steps={steps}", "--config.mesh.data=-1",
-                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                   f"--process_id={i}"),
-        env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
+    cmds = [_train_cmd(workdir, f"--config.train.steps={steps}", "--config.mesh.data=-1",
+                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                       f"--process_id={i}") for i in range(2)]
+    if slow_compile:
+        cmds[1][1:3] = ["-c", SLOW_COMPILE.format(seconds=slow_compile)]
+    procs = [subprocess.Popen(cmd, env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in cmds]
     try:
         outputs = [p.communicate(timeout=600) for p in procs]
     except subprocess.TimeoutExpired:  # kill both, and show what each had said
         for p in procs:
             p.kill()
-        errors = [p.communicate()[1][-3000:] for p in procs]
-        pytest.fail("two-process training timed out; stderr of process 0, then 1:\n"
-                    + "\n-----\n".join(errors))
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+        outputs = [p.communicate() for p in procs]
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("two-process training failed; return codes "
+                    f"{[p.returncode for p in procs]}; stderr of process 0, then 1:\n"
+                    + "\n-----\n".join(_said(err) for _, err in outputs))
 
 
 def test_two_processes_train_resume_and_match_one_process(tmp_path):
     """2 processes x 2 devices (jax.distributed on 127.0.0.1) train 4 steps, stop, resume to
     6; a single process on 4 devices trains 6 steps. Same data (each process loads its half of
     every global batch), same losses: the all-reduce order differs (gloo across processes),
-    so they agree to fp32 rounding, not bitwise."""
+    so they agree to fp32 rounding, not bitwise.
+
+    Process 1 compiles 40 s later than process 0 in the first run: CPU collectives (gloo)
+    give the devices 30 s to meet at their first collective, so without the trainer's
+    barrier process 0 fails ("Gloo context initialization failed")."""
     multi, single = tmp_path / "multi", tmp_path / "single"
-    _two_processes(multi, 4)
+    _two_processes(multi, 4, slow_compile=40)
     assert sorted(_losses(multi)) == [1, 2, 3, 4]
     _two_processes(multi, 6)  # resumes from the step-4 checkpoint
     _run(_train_cmd(single, "--config.train.steps=6", "--config.mesh.data=-1"), devices=4)

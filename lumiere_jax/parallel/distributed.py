@@ -11,12 +11,14 @@ Three ways, in order:
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import jax
 from absl import logging
 
 _AUTO_ENV = ("MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+_barriers = itertools.count()  # every process passes the same barriers in the same order
 
 
 def _env_int(name: str) -> int | None:
@@ -64,3 +66,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Every process waits here until all have arrived; nothing to do in a one-process job.
+
+    Through the coordination service, not a device collective. On CPU, XLA's gloo
+    collectives give a group of devices 30 s to assemble at its first collective and then
+    fail ("Gloo context initialization failed: ... GetKeyValue() timed out"), so processes
+    that reach a new program minutes apart (one compiled slower, or finished its share of
+    a sweep sooner) must meet here first.
+    """
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    key = f"lumiere_jax.{name}.{next(_barriers)}"
+    ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)

@@ -49,6 +49,7 @@ from lumiere_jax.generate import Generator, sample_device_count
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser, denoiser_builder
 from lumiere_jax.models.ssr import SSR
 from lumiere_jax.models.stunet import STUNet
+from lumiere_jax.parallel.distributed import barrier
 from lumiere_jax.parallel.mesh import (
     MeshError,
     batch_spec,
@@ -416,6 +417,9 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                     lowered = step_fn.lower(state, frozen, batch, rng)
                     compiled = lowered.compile()
                     flops = step_flops(lowered, compiled, mesh.size)
+                    # Processes compile at different speeds, and the step's first
+                    # collective must find them all within 30 s (gloo, on CPU).
+                    barrier("train_step_compiled")
                     t0 = time.perf_counter()  # the compile is not a step
                 state, metrics = compiled(state, frozen, batch, rng)
                 metrics = {**metrics, "records_skipped": skipped}
