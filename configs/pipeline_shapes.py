@@ -21,8 +21,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     arg = parse_config_arg(arg, base="checkpoints/shapes_stunet", ssr="checkpoints/shapes_ssr")
     c = ConfigDict()
     c.base = dict(model=arg.base, guidance=3.0, sampler="ddim", steps=20)
-    c.ssr = dict(model=arg.ssr, guidance=1.0, sampler="ddim", steps=20, window=8, overlap=2,
-                 window_weights="uniform", aug_time=0.1)
+    c.ssr = dict(model=arg.ssr, guidance=1.0, sampler="ddim", steps=10, window=8, overlap=2,
+                 window_weights="uniform", aug_time=0.1, low_res_consistency=True)
     c.prompts = ("a large red circle moving right on a black background",
                  "a small yellow square moving up on a white background",
                  "a large blue triangle moving left on a gray background")

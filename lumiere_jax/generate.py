@@ -40,7 +40,7 @@ from lumiere_jax.diffusion.multidiffusion import multidiffusion, window_starts
 from lumiere_jax.diffusion.multidiffusion import window_weights as window_weights_of
 from lumiere_jax.diffusion.samplers import replace_known, sample
 from lumiere_jax.diffusion.schedules import Diffusion
-from lumiere_jax.diffusion.ssr import augment_condition
+from lumiere_jax.diffusion.ssr import augment_condition, project_to_low_res
 from lumiere_jax.models.denoiser import Denoiser
 from lumiere_jax.models.ssr import SSR, upsample_video
 from lumiere_jax.models.stunet import STUNet
@@ -75,10 +75,13 @@ class Generator:
                  steps: int = 25, batch_size: int = 32, mesh: Mesh | None = None,
                  devices: int | Sequence[jax.Device] | None = None, window: int = 0,
                  overlap: int = 2, window_weights: str = "uniform",
-                 aug_logsnr: float = float("inf")):
+                 aug_logsnr: float = float("inf"), low_res_consistency: bool = False):
         """window: MultiDiffusion window in frames (0: the whole clip); overlap and
         window_weights as in diffusion.multidiffusion. aug_logsnr: the SSR's conditioning
-        augmentation level at sampling time (+inf: the low-res video is used as it is)."""
+        augmentation level at sampling time (+inf: the low-res video is used as it is).
+        low_res_consistency: for an SSR, every clean estimate of the sampler is projected onto
+        the videos whose block means are the low-res input (`project_to_low_res`), so the
+        network only decides what downsampling removed."""
         if steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {steps}")
         self.graphdef, self.state = nnx.split(model)
@@ -135,10 +138,14 @@ class Generator:
                 masked = {"masked": masked_video(edit["known"], edit["known_mask"])}
                 cond, null_cond = {**cond, **masked}, {**null_cond, **masked}
 
-            base = None
+            base, x0_transform = None, None
             if low_res is not None:
                 if residual:  # the sample is the residual over the given video, upsampled
                     base = upsample_video(low_res, z_init.shape[-3:-1], residual_base)
+                if low_res_consistency:
+                    x0_transform = functools.partial(
+                        _consistent_with, low_res=low_res, scale=self.scale,
+                        base=0.0 if base is None else base)
                 aug_rng, rng = jax.random.split(rng)
                 low_res = augment_condition(low_res, aug, aug_rng)
 
@@ -166,7 +173,8 @@ class Generator:
             z_transform = (replace_known(edit["known"], edit["known_mask"], diffusion.noise)
                            if "known" in edit and conditioning != "model" else None)
             x = sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init,
-                       start_t=start_t, z_transform=z_transform, clip_output=base is None)
+                       start_t=start_t, x0_transform=x0_transform, z_transform=z_transform,
+                       clip_output=base is None)
             return x if base is None else jnp.clip(base + x, -1.0, 1.0)
 
         self.mesh = mesh
@@ -368,6 +376,11 @@ class Generator:
         if low_res.dtype == np.uint8:
             return low_res.astype(np.float32) / 127.5 - 1.0
         return low_res.astype(np.float32)
+
+
+def _consistent_with(x0: jax.Array, *, low_res: jax.Array, scale: int, base) -> jax.Array:
+    """x0 (the residual over `base`, or the frames for base 0) made consistent with low_res."""
+    return project_to_low_res(base + x0, low_res, scale) - base
 
 
 def sampling_devices(devices: int | Sequence[jax.Device]) -> list[jax.Device]:

@@ -5,7 +5,8 @@ or a training run directory each) and how to sample each stage:
 
   base = dict(model=DIR, guidance=3.0, sampler="ddim", steps=20)
   ssr  = dict(model=DIR, guidance=1.0, sampler="ddim", steps=20,
-              window=8, overlap=2, window_weights="uniform", aug_time=0.1)
+              window=8, overlap=2, window_weights="uniform", aug_time=0.1,
+              low_res_consistency=True)
   prompts = (...), seeds = (0,), batch_size = 8
 
 Each stage samples with its model's EMA weights and its run's sampling settings, with the
@@ -33,7 +34,7 @@ from lumiere_jax.eval.shapes import score_video
 from lumiere_jax.generate import Generator
 
 STAGE_SAMPLE_KEYS = {"guidance", "sampler", "steps", "batch_size", "window", "overlap",
-                     "window_weights", "aug_time", "devices"}
+                     "window_weights", "aug_time", "low_res_consistency", "devices"}
 
 
 def stage_config(stage: ConfigDict, kind: str, where: str) -> ConfigDict:

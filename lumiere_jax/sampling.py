@@ -24,6 +24,7 @@ from lumiere_jax.data.synthetic import (
 )
 from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.schedules import Diffusion
+from lumiere_jax.diffusion.ssr import project_to_low_res
 from lumiere_jax.eval.shapes import score_batch
 from lumiere_jax.generate import Generator, to_uint8
 from lumiere_jax.models.denoiser import build_denoiser
@@ -234,7 +235,8 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
     """The SSR against ground truth on eval.num_samples clips of the seen ('test') and held-out
     splits: each clip is downsampled by the SSR's scale and upsampled again by the SSR (with
     MultiDiffusion over sample.window frames), by the SSR on windows tiled without overlap (no
-    aggregation), and by bilinear and bicubic interpolation. Reports PSNR/SSIM of each against
+    aggregation), and by bilinear and bicubic interpolation (bicubic also projected onto the
+    input's block means, `project_to_low_res`). Reports PSNR/SSIM of each against
     the clip, the seam ratio (eval.video_quality) of each SSR variant at its own window edges
     and of the ground truth at the same edges, and the analytic shapes scores of the SSR's
     videos, and the PSNR of its one-step estimates by noise level (ssr_one_step_psnr); writes
@@ -265,6 +267,9 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
     for name in ("bilinear", "bicubic"):
         up = jax.image.resize(low, (*low.shape[:2], *size, 3), name)
         methods[name] = to_uint8(up)
+    # Bicubic made consistent with its input, as sample.low_res_consistency makes the SSR's
+    # estimates: the baseline to beat with that setting.
+    methods["bicubic_consistent"] = to_uint8(project_to_low_res(up, low, scale))
     window = config.sample.window or world.num_frames
     edges = {"ssr": vq.window_edges(world.num_frames, window, config.sample.overlap),
              "ssr_no_aggregation": vq.window_edges(world.num_frames, window, 0)}

@@ -13,7 +13,12 @@ from ml_collections import ConfigDict
 
 from lumiere_jax.diffusion import multidiffusion
 from lumiere_jax.diffusion.schedules import Diffusion
-from lumiere_jax.diffusion.ssr import augment_condition, downsample_video, ssr_loss
+from lumiere_jax.diffusion.ssr import (
+    augment_condition,
+    downsample_video,
+    project_to_low_res,
+    ssr_loss,
+)
 from lumiere_jax.models.denoiser import build_denoiser, net_config
 from lumiere_jax.models.ssr import SSR, SSRConfig, upsample_video
 from lumiere_jax.models.stunet import STUNetConfig
@@ -200,6 +205,25 @@ def test_upsample_then_downsample():
     step = jnp.where(jnp.arange(8) < 4, -1.0, 1.0)[None, :, None, None] * jnp.ones((1, 8, 8, 1))
     up = upsample_video(step, (32, 32))
     assert float(up.min()) >= -1.0 - 1e-6 and float(up.max()) <= 1.0 + 1e-6
+
+
+def test_projection_to_low_res_is_the_least_squares_consistent_video():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8, 12, 3)), jnp.float32)
+    low = jnp.asarray(rng.standard_normal((2, 3, 4, 6, 3)), jnp.float32)
+    p = project_to_low_res(x, low, 2)
+    np.testing.assert_allclose(downsample_video(p, 2), low, atol=1e-6)  # consistent
+    np.testing.assert_allclose(project_to_low_res(p, low, 2), p, atol=1e-6)  # idempotent
+    # Orthogonal: the step x -> p is perpendicular to every move within the consistent set
+    # (v - p, with v another consistent video), so p is the consistent video nearest to x and
+    # no consistent video (the truth among them) is further from p than from x.
+    v = project_to_low_res(jnp.asarray(rng.standard_normal(x.shape), jnp.float32), low, 2)
+    assert abs(float(jnp.vdot(x - p, v - p))) < 1e-3 * float(jnp.linalg.norm(x - p)
+                                                              * jnp.linalg.norm(v - p))
+    assert float(jnp.linalg.norm(p - v)) < float(jnp.linalg.norm(x - v))
+    # Already consistent: unchanged; images [b, H, W, C] work too.
+    np.testing.assert_allclose(project_to_low_res(x[:, 0], downsample_video(x[:, 0], 4), 4),
+                               x[:, 0], atol=1e-6)
 
 
 def test_augment_condition_levels():

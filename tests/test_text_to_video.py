@@ -100,6 +100,9 @@ def test_ssr_eval_compares_with_interpolation_and_measures_seams(ssr_run, tmp_pa
     # Interpolation of the exact block means is close to the truth; an untrained SSR is not.
     assert s["psnr_bicubic"] > 20 and s["psnr_bilinear"] > 20
     assert s["psnr_ssr"] < s["psnr_bicubic"]
+    # Projected onto its input's block means, interpolation only moves closer to the truth
+    # (up to the rounding to uint8).
+    assert s["psnr_bicubic_consistent"] > s["psnr_bicubic"] - 0.05
     assert 0 < s["ssim_ssr"] < 1
     by_time = s["psnr_one_step_by_time"]
     assert list(by_time) == ["0.1", "0.3", "0.5", "0.7", "0.9", "1"]
@@ -138,6 +141,26 @@ def test_ssr_window_equal_to_the_clip_equals_unwindowed_sampling(models):
         generator, _ = load_generator(c, models["ssr"])
         outs.append(generator(["a red circle", "a blue square"], [0, 1], 1.0, low_res=low))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_ssr_low_res_consistency_keeps_the_sample_on_its_input(models):
+    """sample.low_res_consistency projects every clean estimate onto the input's block means:
+    the sample downsampled is the low-res input up to the uint8 rounding of its pixels (and
+    the clipping of any pixel out of range). Without it, this barely trained SSR's is not."""
+    from lumiere_jax.diffusion.ssr import downsample_video
+    from lumiere_jax.sampling import load_generator
+
+    low = np.random.default_rng(0).integers(64, 192, (2, FRAMES, LOW, LOW, 3), np.uint8)
+    errors = {}
+    for on in (False, True):
+        c = load_config("configs/shapes_ssr.py:smoke",
+                        SSR_OVERRIDES + [f"sample.low_res_consistency={on}"])
+        generator, _ = load_generator(c, models["ssr"])
+        out = generator(["a red circle", "a blue square"], [0, 1], 1.0, low_res=low)
+        block_means = np.asarray(downsample_video(out.astype(np.float32), HIGH // LOW))
+        errors[on] = np.abs(block_means - low)  # in pixel levels
+    assert np.mean(errors[True] <= 0.5 + 1e-4) > 0.99, np.percentile(errors[True], [50, 99])
+    assert np.mean(errors[False] <= 0.5 + 1e-4) < 0.5
 
 
 def _pipeline_config(models, *extra):

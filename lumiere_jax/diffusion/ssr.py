@@ -49,6 +49,19 @@ def downsample_video(x: jax.Array, scale: int) -> jax.Array:
     return blocks.mean(axis=(-4, -2)).astype(x.dtype)
 
 
+def project_to_low_res(x: jax.Array, low_res: jax.Array, scale: int) -> jax.Array:
+    """The video nearest to x (least squares) whose scale x scale block means are low_res.
+
+    x: [..., H, W, C]; low_res: [..., H/scale, W/scale, C]. Each block is shifted by its
+    mean's error, the orthogonal projection onto {v : downsample_video(v) = low_res}. The
+    ground truth lies in that set (the low-res video is its downsampling), and a projection
+    onto a convex set moves no point further from any member: the error to the truth never
+    grows.
+    """
+    error = low_res.astype(x.dtype) - downsample_video(x, scale)
+    return x + jnp.repeat(jnp.repeat(error, scale, axis=-3), scale, axis=-2)
+
+
 def augment_condition(low_res: jax.Array, aug_logsnr: jax.Array, rng: jax.Array) -> jax.Array:
     """alpha * low_res + sigma * noise, per example at log-SNR aug_logsnr ([b] or scalar).
 

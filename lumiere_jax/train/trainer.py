@@ -493,7 +493,8 @@ def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
     """A sampler for `model` with the run's sampling settings (config.sample): sampler,
     steps, batch, and for videos the MultiDiffusion window (sample.window, 0: whole clip),
     overlap and window_weights; for the SSR the augmentation time of its low-res input
-    (sample.aug_time in [0, 1], mapped through the diffusion schedule; 0: clean).
+    (sample.aug_time in [0, 1], mapped through the diffusion schedule; 0: clean) and whether
+    its estimates are kept consistent with that input (sample.low_res_consistency).
 
     Without a `mesh`, each batch is split over sample.devices local devices (0, the default:
     all of them; never more than sample.batch_size), the model replicated on each; with one,
@@ -516,7 +517,8 @@ def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
                      mesh=mesh, devices=devices, window=sample.get("window", 0),
                      overlap=sample.get("overlap", 2),
                      window_weights=sample.get("window_weights", "uniform"),
-                     aug_logsnr=aug_logsnr)
+                     aug_logsnr=aug_logsnr,
+                     low_res_consistency=bool(sample.get("low_res_consistency", False)))
 
 
 def preview_examples(config: ConfigDict, n: int) -> list[dict[str, Any]]:
