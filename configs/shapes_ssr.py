@@ -31,7 +31,7 @@ from lumiere_jax.config import parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    arg = parse_config_arg(arg, smoke=False, steps=1500, batch=4, channels=8, window=8,
+    arg = parse_config_arg(arg, smoke=False, steps=1200, batch=4, channels=8, window=8,
                            overlap=2, base="bilinear")
     c = ConfigDict()
     c.seed = 0
