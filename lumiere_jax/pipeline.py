@@ -4,7 +4,7 @@ A pipeline config (e.g. configs/pipeline_shapes.py) names the two trained models
 or a training run directory each) and how to sample each stage:
 
   base = dict(model=DIR, guidance=3.0, sampler="ddim", steps=20)
-  ssr  = dict(model=DIR, guidance=1.0, sampler="ddim", steps=20,
+  ssr  = dict(model=DIR, guidance=1.0, sampler="ddim", steps=10,
               window=8, overlap=2, window_weights="uniform", aug_time=0.1,
               low_res_consistency=True)
   prompts = (...), seeds = (0,), batch_size = 8

@@ -264,12 +264,13 @@ def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = 
     methods = {"ssr": generator(prompts, seeds, config.sample.guidance, low_res=low)}
     seconds = time.perf_counter() - start
     methods["ssr_no_aggregation"] = plain(prompts, seeds, config.sample.guidance, low_res=low)
-    for name in ("bilinear", "bicubic"):
-        up = jax.image.resize(low, (*low.shape[:2], *size, 3), name)
-        methods[name] = to_uint8(up)
+    upsampled = {name: jax.image.resize(low, (*low.shape[:2], *size, 3), name)
+                 for name in ("bilinear", "bicubic")}
+    methods.update({name: to_uint8(up) for name, up in upsampled.items()})
     # Bicubic made consistent with its input, as sample.low_res_consistency makes the SSR's
     # estimates: the baseline to beat with that setting.
-    methods["bicubic_consistent"] = to_uint8(project_to_low_res(up, low, scale))
+    methods["bicubic_consistent"] = to_uint8(
+        project_to_low_res(upsampled["bicubic"], low, scale))
     window = config.sample.window or world.num_frames
     edges = {"ssr": vq.window_edges(world.num_frames, window, config.sample.overlap),
              "ssr_no_aggregation": vq.window_edges(world.num_frames, window, 0)}
