@@ -40,7 +40,7 @@ def _train_cmd(workdir, *flags: str) -> list[str]:
 def _run(cmd, devices: int, timeout: float = 600) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, env=_env(devices), cwd=ROOT, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _said(result.stderr)
     return result
 
 
@@ -137,7 +137,7 @@ def _start(workdir, *flags):
 def _wait_for(predicate, proc, timeout=300):
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert proc.poll() is None, _said(proc.stderr.read())
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
 
@@ -170,7 +170,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, uninterrupte
     _wait_for(lambda: (tmp_path / "metrics.csv").exists() and len(_losses(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 0, _said(err)
     saved = _complete_steps(tmp_path)
     assert len(saved) == 1 and 3 <= saved[0] < 10
     assert json.loads(out)["preempted_at"] == saved[0]
