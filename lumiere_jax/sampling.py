@@ -230,6 +230,57 @@ def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[st
     return out
 
 
+KNOWN_FRAME_LOGSNRS = (-8.0, -4.0, 0.0, 4.0)
+
+
+def known_frame_psnrs(generator, config: ConfigDict, n: int) -> dict[str, dict[str, float]]:
+    """Does the conditional STUNet use the pixels it is given? For the first n clips of the
+    seen ('test') split, noised (one draw of the config's noise) to each log-SNR of
+    KNOWN_FRAME_LOGSNRS: the PSNR of the model's one-step estimate of frame 0 when frame 0 is
+    given as known ('known', image-to-video's input), when nothing is given ('unknown'), and
+    of frames 1.. when frame 0 is known ('rest'). Keys are the log-SNRs.
+
+    A model that copies the given frame scores far above 'unknown' at every level (+inf when
+    exact); one that ignores it scores the same, which is what caps image-to-video's frame-0
+    PSNR when nothing is replaced (README "Applications").
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lumiere_jax.diffusion.masks import masked_video
+    from lumiere_jax.eval import video_quality as vq
+
+    source = ShapesSource(world_from_config(config), "test", n)
+    clips = np.stack([source[i]["video"] for i in range(n)])
+    prompts = [source[i]["caption"] for i in range(n)]
+    x = jnp.asarray(clips, jnp.float32) / 127.5 - 1.0
+    diffusion = Diffusion.from_config(config.diffusion)
+    eps = diffusion.noise(jax.random.key(config.eval.seed), x.shape)
+    tokens = generator.tokenizer.encode_batch(prompts, generator.max_length)
+    first = jnp.zeros((*x.shape[:4], 1)).at[:, 0].set(1.0)
+    graphdef = generator.graphdef
+
+    @jax.jit
+    def estimate(state, logsnr, known):  # the x0 estimate, frame 0 known or nothing known
+        model = nnx.merge(graphdef, state)
+        cond = model.encode_text(jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
+        cond = {**cond, "masked": masked_video(x, first * known)}
+        alpha, sigma = schedules.alpha_sigma(logsnr)
+        z = alpha * x + sigma * eps
+        x0, _ = schedules.x0_eps_from_prediction(
+            diffusion.prediction, model(z, jnp.full((n,), logsnr), cond), z, logsnr)
+        return x0
+
+    out = {}
+    for logsnr in KNOWN_FRAME_LOGSNRS:
+        known, unknown = (to_uint8(estimate(generator.state, jnp.float32(logsnr), k))
+                          for k in (1.0, 0.0))
+        out[f"{logsnr:g}"] = {"known": vq.psnr(known[:, :1], clips[:, :1]),
+                              "unknown": vq.psnr(unknown[:, :1], clips[:, :1]),
+                              "rest": vq.psnr(known[:, 1:], clips[:, 1:])}
+    return out
+
+
 def evaluate_ssr(config: ConfigDict, workdir: str, out: str, step: int | None = None,
                  fvd_weights: str | None = None) -> dict[str, Any]:
     """The SSR against ground truth on eval.num_samples clips of the seen ('test') and held-out
@@ -338,6 +389,9 @@ def evaluate_generator(generator, config: ConfigDict, out: str, step: int | str,
     if isinstance(generator, Generator) and len(generator.sample_shape) == 4:  # a video model:
         # does it read the motion words?
         summary["motion_word"] = motion_word_gaps(generator, config, min(n, MOTION_PROBE_CLIPS))
+        if generator.conditional:  # does it use a given first frame?
+            summary["known_frame"] = known_frame_psnrs(generator, config,
+                                                       min(n, MOTION_PROBE_CLIPS))
     report = {"summary": summary, "prompts": details,
               "files": [str(out_dir / f"step_{step}_{split}.png") for split in details]}
     (out_dir / f"step_{step}.json").write_text(json.dumps(report, indent=1))

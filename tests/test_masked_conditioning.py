@@ -177,3 +177,49 @@ def test_conditional_sampling_sees_the_known_pixels(conditional_export, plain_ex
                                conditioning="model")
     with pytest.raises(ValueError, match="conditioning must be one of"):
         editing.image_to_video(generator, image, PROMPT, [0], conditioning="guess")
+
+
+def test_known_frame_psnrs_show_whether_the_given_frame_is_used(conditional_export, tmp_path):
+    """`lumiere eval`'s probe of a conditional STUNet: one-step estimates of frame 0 with frame
+    0 given and with nothing given. Recomputed here for one level; with the conditioning input
+    zeroed (the model as initialised) both are exactly the same."""
+    from lumiere_jax.config import read_resolved_config
+    from lumiere_jax.data.pipeline import world_from_config
+    from lumiere_jax.data.synthetic import ShapesSource
+    from lumiere_jax.eval import video_quality as vq
+    from lumiere_jax.generate import to_uint8
+    from lumiere_jax.sampling import KNOWN_FRAME_LOGSNRS, evaluate_generator, known_frame_psnrs
+
+    generator = _generator(conditional_export)
+    config = read_resolved_config(conditional_export)
+    probe = known_frame_psnrs(generator, config, 3)
+    assert list(probe) == [f"{x:g}" for x in KNOWN_FRAME_LOGSNRS]
+    assert all(p["known"] != p["unknown"] for p in probe.values()), probe
+
+    source = ShapesSource(world_from_config(config), "test", 3)
+    clips = np.stack([source[i]["video"] for i in range(3)])
+    x = jnp.asarray(clips, jnp.float32) / 127.5 - 1
+    eps = Diffusion.from_config(config.diffusion).noise(jax.random.key(config.eval.seed), x.shape)
+    tokens = generator.tokenizer.encode_batch([source[i]["caption"] for i in range(3)],
+                                              generator.max_length)
+    model = nnx.merge(generator.graphdef, generator.state)
+    first = np.zeros((3, T, H, W, 1), np.float32)
+    first[:, 0] = 1
+    alpha, sigma = np.sqrt(1 / (1 + np.e ** 4)), np.sqrt(1 / (1 + np.e ** -4))  # log-SNR -4
+    z = alpha * x + sigma * eps
+    v = model(z, jnp.full((3,), -4.0), {
+        **model.encode_text(jnp.asarray(tokens.ids), jnp.asarray(tokens.mask)),
+        "masked": masks.masked_video(x, first)})
+    x0 = to_uint8(alpha * z - sigma * v)  # v-prediction
+    assert probe["-4"]["known"] == pytest.approx(vq.psnr(x0[:, :1], clips[:, :1]), abs=0.05)
+    assert probe["-4"]["rest"] == pytest.approx(vq.psnr(x0[:, 1:], clips[:, 1:]), abs=0.05)
+
+    unused = generator.with_params(jax.tree_util.tree_map_with_path(
+        lambda path, p: p * 0 if "cond_in" in jax.tree_util.keystr(path) else p,
+        generator.state))
+    for p in known_frame_psnrs(unused, config, 3).values():
+        assert p["known"] == p["unknown"] and np.isfinite(p["known"])
+
+    report = evaluate_generator(generator, config, str(tmp_path), 0)  # `lumiere eval`
+    assert report["summary"]["known_frame"] == known_frame_psnrs(
+        generator, config, config.eval.num_samples)
