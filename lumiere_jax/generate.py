@@ -373,9 +373,7 @@ class Generator:
                 f"the SSR upsamples low-resolution videos by {self.scale}x: low_res must have "
                 f"shape {want} (one per prompt, [n, frames, h, w, 3]), got {got}")
         low_res = np.asarray(low_res)
-        if low_res.dtype == np.uint8:
-            return low_res.astype(np.float32) / 127.5 - 1.0
-        return low_res.astype(np.float32)
+        return from_uint8(low_res) if low_res.dtype == np.uint8 else low_res.astype(np.float32)
 
 
 def _consistent_with(x0: jax.Array, *, low_res: jax.Array, scale: int, base) -> jax.Array:
@@ -431,7 +429,12 @@ def _pixels(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.shape != shape:
         raise ValueError(f"{name} must have shape {shape} ([n, *sample_shape]), got {x.shape}")
-    return x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    return from_uint8(x) if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def from_uint8(pixels) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1] (the inverse of to_uint8 on its outputs)."""
+    return np.asarray(pixels).astype(np.float32) / 127.5 - 1.0
 
 
 def to_uint8(x: jax.Array) -> np.ndarray:

@@ -26,7 +26,7 @@ from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import project_to_low_res
 from lumiere_jax.eval.shapes import score_batch
-from lumiere_jax.generate import Generator, to_uint8
+from lumiere_jax.generate import Generator, from_uint8, to_uint8
 from lumiere_jax.models.denoiser import build_denoiser
 from lumiere_jax.text.tokenizers import make_tokenizer
 from lumiere_jax.train.export import inflate_from_export, is_export, load_export
@@ -163,7 +163,7 @@ def ssr_one_step_psnr(generator, config: ConfigDict, truth: np.ndarray,
     tokens = generator.tokenizer.encode_batch(list(prompts), generator.max_length)
     model = nnx.merge(graphdef, generator.state)
     cond = model.encode_text(jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))
-    x = jnp.asarray(truth[:, :window], jnp.float32) / 127.5 - 1.0
+    x = jnp.asarray(from_uint8(truth[:, :window]))
     ssr = model.net.cfg  # the model's own settings, as the Generator reads them
     estimates = one_step_estimates(
         lambda z, logsnr, c: apply(generator.state, z, logsnr, c), x, cond,
@@ -203,7 +203,7 @@ def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[st
         raise ValueError("motion_word_gaps needs a video world (num_frames > 1) with moving clips")
     wrong = [caption_for({**ex["attrs"], "motion": opposite_motion(ex["attrs"]["motion"])})
              for ex in clips]
-    x = jnp.asarray(np.stack([ex["video"] for ex in clips]), jnp.float32) / 127.5 - 1.0
+    x = jnp.asarray(from_uint8(np.stack([ex["video"] for ex in clips])))
     diffusion = Diffusion.from_config(config.diffusion)
     eps = diffusion.noise(jax.random.key(config.eval.seed), x.shape)
     graphdef = generator.graphdef
@@ -253,7 +253,7 @@ def known_frame_psnrs(generator, config: ConfigDict, n: int) -> dict[str, dict[s
     source = ShapesSource(world_from_config(config), "test", n)
     clips = np.stack([source[i]["video"] for i in range(n)])
     prompts = [source[i]["caption"] for i in range(n)]
-    x = jnp.asarray(clips, jnp.float32) / 127.5 - 1.0
+    x = jnp.asarray(from_uint8(clips))
     diffusion = Diffusion.from_config(config.diffusion)
     eps = diffusion.noise(jax.random.key(config.eval.seed), x.shape)
     tokens = generator.tokenizer.encode_batch(prompts, generator.max_length)

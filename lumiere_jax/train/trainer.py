@@ -45,7 +45,7 @@ from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
 from lumiere_jax.diffusion.masks import MASK_KINDS, check_mask_kinds, masked_video, random_masks
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import downsample_video, ssr_loss
-from lumiere_jax.generate import Generator, sample_device_count
+from lumiere_jax.generate import Generator, from_uint8, sample_device_count
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser, denoiser_builder
 from lumiere_jax.models.ssr import SSR
 from lumiere_jax.models.stunet import STUNet
@@ -531,7 +531,7 @@ def preview_examples(config: ConfigDict, n: int) -> list[dict[str, Any]]:
 
 def low_res_of(videos: np.ndarray, scale: int) -> np.ndarray:
     """uint8 videos [n, t, H, W, 3] -> the SSR's low-res input, floats in [-1, 1]."""
-    return np.asarray(downsample_video(videos.astype(np.float32) / 127.5 - 1.0, scale))
+    return np.asarray(downsample_video(from_uint8(videos), scale))
 
 
 def preview(generator: Generator, config: ConfigDict, n: int = 16) -> np.ndarray:
