@@ -1,6 +1,6 @@
 """Image-to-video both ways, and SDEdit, measured: `python -m bench.bench_apps [--video
 checkpoints/shapes_stunet] [--masked checkpoints/shapes_stunet_masked] [--num 24]
-[--only i2v|sdedit]`.
+[--only i2v|sdedit|sdedit_inverted]`.
 
 Image-to-video: the first frame of each of the first --num ground-truth clips of the world's
 'test' split is the given image; the clip's caption is the prompt; seeds 1000 + i. Three ways,
@@ -11,7 +11,8 @@ shape / motion accuracy and stability.
 
 SDEdit: each clip is edited with a prompt that changes only its colour (to the next colour of
 the world), at the strengths and guidance scales of SDEDIT_SETTINGS, with the empty caption in
-guidance's second branch or the clip's own caption as the negative prompt. Reported: colour accuracy
+guidance's second branch or the clip's own caption as the negative prompt, starting from the
+clip noised with the seed's noise or from its DDIM inversion under its own caption. Reported: colour accuracy
 against the new prompt (and against the old one), motion accuracy, and how far the object's
 track moved: the mean distance between the input's and the output's centroids per frame, as a
 fraction of the frame's short side.
@@ -34,10 +35,14 @@ from lumiere_jax.eval.shapes import detect, score_batch
 from lumiere_jax.sampling import load_generator
 
 KEYS = ("colour_acc", "shape_acc", "motion_acc", "stability")
-# SDEdit (strength, guidance, the input's caption as the negative prompt) settings measured.
-SDEDIT_SETTINGS = ((0.5, 3.0, False), (0.5, 3.0, True), (0.5, 6.0, True), (0.5, 10.0, True),
-                   (0.6, 3.0, False), (0.6, 3.0, True), (0.6, 6.0, True),
-                   (0.7, 3.0, False), (0.7, 3.0, True), (0.9, 3.0, False), (0.9, 3.0, True))
+# SDEdit (strength, guidance, the input's caption as the negative prompt, from the input's
+# DDIM inversion under its caption) settings measured.
+SDEDIT_SETTINGS = ((0.5, 3.0, False, False), (0.5, 3.0, True, False), (0.5, 6.0, True, False),
+                   (0.5, 10.0, True, False), (0.6, 3.0, False, False), (0.6, 3.0, True, False),
+                   (0.6, 6.0, True, False), (0.7, 3.0, False, False), (0.7, 3.0, True, False),
+                   (0.9, 3.0, False, False), (0.9, 3.0, True, False),
+                   (0.5, 1.0, False, True), (0.5, 2.0, True, True), (0.5, 3.0, True, True),
+                   (0.7, 3.0, True, True), (0.9, 3.0, True, True))
 
 
 def _generator(directory: str):
@@ -71,13 +76,15 @@ def _recoloured(prompt: str) -> tuple[str, str]:
 
 
 def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
-           strength: float = 0.5, negative: bool = False, guidance: float = 3.0
-           ) -> dict[str, float]:
-    """negative: the clip's own caption is the negative prompt (else the empty caption)."""
+           strength: float = 0.5, negative: bool = False, guidance: float = 3.0,
+           invert: bool = False) -> dict[str, float]:
+    """negative: the clip's own caption is the negative prompt (else the empty caption);
+    invert: start from the clip's DDIM inversion under its own caption."""
     new_prompts = [_recoloured(p)[0] for p in prompts]
     videos = np.stack([
         editing.sdedit(generator, clip, new, strength, [seed], guidance,
-                       negative_prompt=old if negative else "")[0]
+                       negative_prompt=old if negative else "", invert=invert,
+                       source_prompt=old if invert else "")[0]
         for clip, new, old, seed in zip(clips, new_prompts, prompts, seeds)])
     new = score_batch(videos, new_prompts)
     old = score_batch(videos, prompts)
@@ -87,7 +94,7 @@ def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
         with warnings.catch_warnings():  # no object found in any frame: NaN, left out below
             warnings.simplefilter("ignore", RuntimeWarning)
             moved.append(float(np.nanmean(np.linalg.norm(a - b, axis=-1))))
-    return {"strength": strength, "guidance": guidance,
+    return {"strength": strength, "guidance": guidance, "inverted": invert,
             "negative_prompt": "input's caption" if negative else "",
             "colour_acc_new_prompt": new["colour_acc"],
             "colour_acc_old_prompt": old["colour_acc"], "motion_acc": new["motion_acc"],
@@ -100,29 +107,34 @@ def main() -> None:
     parser.add_argument("--masked", default="checkpoints/shapes_stunet_masked",
                         help="the conditional STUNet ('' to skip)")
     parser.add_argument("--num", type=int, default=24)
-    parser.add_argument("--only", choices=("i2v", "sdedit"), help="one of the two tables")
+    parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted"),
+                        help="one of the two tables (sdedit_inverted: its inverted rows)")
     args = parser.parse_args()
     plain = _generator(args.video)
-    masked = _generator(args.masked) if args.masked and args.only != "sdedit" else None
+    masked = _generator(args.masked) if args.masked and args.only in (None, "i2v") else None
     source = ShapesSource(world_from_config(read_resolved_config(args.video)), "test", args.num)
     items = [source[i] for i in range(args.num)]
     clips = np.stack([item["video"] for item in items])
     prompts = [item["caption"] for item in items]
     seeds = [1000 + i for i in range(args.num)]
-    i2v = {} if args.only == "sdedit" else image_to_video(plain, masked, clips, prompts, seeds)
+    i2v = {} if args.only not in (None, "i2v") else image_to_video(plain, masked, clips,
+                                                                    prompts, seeds)
+    settings = [row for row in SDEDIT_SETTINGS if args.only != "sdedit_inverted" or row[3]]
     report = {"i2v": i2v, "sdedit": [] if args.only == "i2v" else [
-        sdedit(plain, clips, prompts, seeds, s, negative, g) for s, g, negative in SDEDIT_SETTINGS]}
+        sdedit(plain, clips, prompts, seeds, s, negative, g, invert)
+        for s, g, negative, invert in settings]}
     print("| image-to-video | frame-0 PSNR (dB) | colour | shape | motion | stability |")
     print("|---|---|---|---|---|---|")
     for name, row in report["i2v"].items():
         print(f"| {name} | {row['frame0_psnr']:.1f} | {row['colour_acc']:.0%} | "
               f"{row['shape_acc']:.0%} | {row['motion_acc']:.0%} | {row['stability']:.3f} |")
-    print("\n| SDEdit strength | guidance | negative prompt | colour = new prompt | colour = old |"
-          " motion | track shift |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| SDEdit strength | from | guidance | negative prompt | colour = new prompt | "
+          "colour = old | motion | track shift |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in report["sdedit"]:
         negative = row["negative_prompt"] or "(empty)"
-        print(f"| {row['strength']} | {row['guidance']:g} | {negative} | "
+        start = "inversion" if row["inverted"] else "noise"
+        print(f"| {row['strength']} | {start} | {row['guidance']:g} | {negative} | "
               f"{row['colour_acc_new_prompt']:.0%} | "
               f"{row['colour_acc_old_prompt']:.0%} | {row['motion_acc']:.0%} | "
               f"{row['track_shift']:.3f} |")

@@ -7,7 +7,7 @@
   lumiere eval   --workdir runs/t2i [--fvd_weights i3d_kinetics400.npz]
   lumiere app i2v|inpaint|outpaint|cinemagraph|sdedit --workdir runs/stunet --prompts TEXT
                  [--image F] [--video F] [--box x0,y0,x1,y1 | --mask F] [--strength 0.5]
-                 [--negative_prompt TEXT]
+                 [--negative_prompt TEXT] [--invert [--source_prompt TEXT]]
   lumiere app style --workdir runs/stunet --style STYLE_EXPORT --alpha 0,0.5,1 --prompts TEXT
   lumiere export --workdir runs/t2i --out checkpoints/shapes_t2i
   lumiere demo   --workdir demo_out
@@ -60,6 +60,12 @@ _NEGATIVE = flags.DEFINE_string(
     "negative_prompt", "", "sample/app: a caption for guidance to steer away from, in place of "
     "the empty one (e.g. for sdedit the input video's own caption).")
 _STRENGTH = flags.DEFINE_float("strength", 0.5, "app sdedit: how much to change, in [0, 1].")
+_INVERT = flags.DEFINE_bool(
+    "invert", False, "app sdedit: start from the input's DDIM inversion (under --source_prompt) "
+    "instead of the input noised with the seed's noise; deterministic, keeps more motion.")
+_SOURCE_PROMPT = flags.DEFINE_string(
+    "source_prompt", "", "app sdedit --invert: the input video's caption, read by the "
+    "inversion (default: the empty caption).")
 _CONDITIONING = flags.DEFINE_enum(
     "conditioning", "replace", ["replace", "model", "both"],
     "app i2v/inpaint/outpaint/cinemagraph: replace the known pixels at every step (any model), "
@@ -215,8 +221,12 @@ def cmd_app(name: str):
         videos = editing.cinemagraph(generator, image, region(), prompt, seeds, guidance, how,
                                       negative)
     else:
+        if _SOURCE_PROMPT.value and not _INVERT.value:
+            raise app.UsageError("--source_prompt is the caption the inversion reads: add "
+                                 "--invert, or leave it out")
         videos = editing.sdedit(generator, video(), prompt, _STRENGTH.value, seeds, guidance,
-                                 negative)
+                                 negative, invert=_INVERT.value,
+                                 source_prompt=_SOURCE_PROMPT.value)
     out = epath.Path(_OUT.value or f"{workdir}/apps/{name}")
     out.mkdir(parents=True, exist_ok=True)
     for seed, result in zip(seeds, videos):

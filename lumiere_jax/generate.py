@@ -38,7 +38,7 @@ from lumiere_jax.diffusion.guidance import classifier_free_guidance
 from lumiere_jax.diffusion.masks import masked_video
 from lumiere_jax.diffusion.multidiffusion import multidiffusion, window_starts
 from lumiere_jax.diffusion.multidiffusion import window_weights as window_weights_of
-from lumiere_jax.diffusion.samplers import replace_known, sample
+from lumiere_jax.diffusion.samplers import ddim_invert, replace_known, sample
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import augment_condition, project_to_low_res
 from lumiere_jax.models.denoiser import Denoiser
@@ -85,6 +85,7 @@ class Generator:
         if steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {steps}")
         self.graphdef, self.state = nnx.split(model)
+        self.sampler = sampler
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.sample_shape = tuple(sample_shape)
@@ -149,9 +150,9 @@ class Generator:
                 aug_rng, rng = jax.random.split(rng)
                 low_res = augment_condition(low_res, aug, aug_rng)
 
-            if batch_mesh is None:
-                fn = denoiser(model, cond, null_cond, scale, aug, low_res, use_guidance)
-            else:
+            def prediction(cond, use_guidance):
+                if batch_mesh is None:
+                    return denoiser(model, cond, null_cond, scale, aug, low_res, use_guidance)
                 # Data-parallel: every device runs the network on its own examples alone (no
                 # window or guidance batch is ever gathered). The sampler around it, with its
                 # per-example arithmetic and its noise (drawn the same whatever the sharding),
@@ -166,7 +167,14 @@ class Generator:
                     logsnr = jnp.broadcast_to(logsnr, (z.shape[0],))
                     return step(state, z, logsnr, cond, null_cond, scale, aug, low_res)
 
-            if "init" in edit and start_t < 1.0:  # SDEdit: the input noised to start_t
+                return fn
+
+            fn = prediction(cond, use_guidance)
+            if "source_ids" in edit:  # SDEdit from the input's DDIM inversion, unguided
+                source = {**cond, **model.encode_text(edit["source_ids"], edit["source_mask"])}
+                z_init = ddim_invert(prediction(source, False), edit["init"], diffusion,
+                                     steps=steps, end_t=start_t)
+            elif "init" in edit and start_t < 1.0:  # SDEdit: the input noised to start_t
                 alpha, sigma = schedules.alpha_sigma(
                     schedules.per_example(diffusion.logsnr(start_t), z_init))
                 z_init = alpha * edit["init"] + sigma * z_init
@@ -249,7 +257,8 @@ class Generator:
                  known: np.ndarray | None = None, known_mask: np.ndarray | None = None,
                  init: np.ndarray | None = None, strength: float = 1.0,
                  conditioning: str = "replace",
-                 negative_prompts: Sequence[str] | None = None) -> np.ndarray:
+                 negative_prompts: Sequence[str] | None = None, invert: bool = False,
+                 source_prompts: Sequence[str] | None = None) -> np.ndarray:
         """uint8 samples [n, *sample_shape] for n prompts with one seed (and scale) each.
 
         low_res: for an SSR model, the low-resolution videos to upsample, [n, t, H/scale,
@@ -270,10 +279,20 @@ class Generator:
           branch of classifier-free guidance reads it instead of the empty caption, so scale w
           gives c + (w - 1)(c - c_negative). "" (or None for all) is the empty caption. E.g.
           SDEdit with the input's own caption as the negative prompt pushes away from it.
+        invert, source_prompts: SDEdit from a DDIM inversion (samplers.ddim_invert) of init
+          under its caption (source_prompts, one per prompt; None or "": the empty caption),
+          unguided, up to `strength`, instead of init noised with the seed's noise: the edit
+          starts where the input's own deterministic path was, so the seed plays no part and
+          strength 1 is no longer plain sampling. Needs the DDIM sampler.
         """
         prompts = list(prompts)
         low_res = self._check_low_res(low_res, len(prompts))
         edit = self._check_edit(len(prompts), known, known_mask, init, strength)
+        if invert:
+            edit.update(self._source_tokens(len(prompts), init, source_prompts))
+        elif source_prompts is not None:
+            raise ValueError("source_prompts are the captions a DDIM inversion of init is run "
+                             "under: pass invert=True as well, or leave them out")
         self._check_conditioning(conditioning, "known" in edit)
         if init is not None and strength == 0.0:
             return to_uint8(edit["init"])
@@ -317,6 +336,23 @@ class Generator:
             bar.update(len(out[-1]))
         bar.close()
         return np.concatenate(out)
+
+    def _source_tokens(self, n: int, init, source_prompts) -> dict[str, np.ndarray]:
+        """The tokens DDIM inversion reads (`invert=True`), after checking it can run."""
+        if init is None:
+            raise ValueError("invert=True inverts the videos given as init (SDEdit): give init "
+                             "and a strength")
+        if self.sampler != "ddim":
+            raise ValueError(f"invert=True needs the DDIM sampler, whose deterministic steps "
+                             f"retrace the inverted path; this generator uses {self.sampler!r} "
+                             "(set sample.sampler='ddim')")
+        sources = [""] * n if source_prompts is None else list(source_prompts)
+        if len(sources) != n:
+            raise ValueError(f"got {n} prompts but {len(sources)} source prompts: give one "
+                             "per prompt (the caption of its input video, \"\" for none)")
+        tokens = self.tokenizer.encode_batch([p or NULL_PROMPT for p in sources],
+                                             self.max_length)
+        return {"source_ids": tokens.ids, "source_mask": tokens.mask}
 
     def _check_conditioning(self, conditioning: str, has_known: bool) -> None:
         if conditioning not in CONDITIONINGS:

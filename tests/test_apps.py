@@ -101,6 +101,29 @@ def test_sdedit_endpoints(generator):
         editing.sdedit(generator, video, PROMPT, 1.5, [0])
 
 
+def test_sdedit_from_the_inversion_retraces_the_input(generator):
+    """invert=True starts from the input's DDIM inversion: deterministic (every seed gives
+    the same edit), strength 0 is the input, and with the source caption as the prompt and no
+    guidance the sampler walks back close to the input, far closer than from freshly noised
+    input (3 sampling steps here, so not exactly)."""
+    video = _video()
+    kwargs = dict(invert=True, source_prompt=PROMPT)
+    np.testing.assert_array_equal(
+        editing.sdedit(generator, video, PROMPT, 0.0, [0], **kwargs)[0], video)
+    inverted = editing.sdedit(generator, video, PROMPT, 0.5, [0, 1], 1.0, **kwargs)
+    np.testing.assert_array_equal(inverted[0], inverted[1])
+    noised = editing.sdedit(generator, video, PROMPT, 0.5, [0], 1.0)[0]
+    error = lambda x: np.abs(x.astype(np.float64) - video).mean()  # noqa: E731
+    assert error(inverted[0]) < 0.5 * error(noised), (error(inverted[0]), error(noised))
+    with pytest.raises(ValueError, match="pass invert=True as well"):
+        generator([PROMPT], [0], init=video[None], strength=0.5, source_prompts=[PROMPT])
+    with pytest.raises(ValueError, match="give init and a strength"):
+        generator([PROMPT], [0], invert=True)
+    with pytest.raises(ValueError, match="purple"):
+        editing.sdedit(generator, video, PROMPT, 0.5, [0], invert=True,
+                       source_prompt="a purple circle")
+
+
 def test_negative_prompt_takes_the_empty_captions_place_in_guidance(text_generator):
     """Scale w gives w * c(prompt) + (1 - w) * c(negative): at w = 0 that is the negative
     prompt's own conditional sample; "" is the empty caption (the default)."""
@@ -166,13 +189,16 @@ def test_cli_app_writes_videos_and_reports_bad_input(model_dir, tmp_path):
     result = lumiere("sdedit", "--video", str(tmp_path / "out" / (
         "a_small_red_circle_moving_left_on_a_black_backgr_seed0.mp4")), "--strength", "0.6",
         "--negative_prompt", "a small blue circle moving left on a black background",
-        "--out", str(tmp_path / "edit"))
+        "--invert", "--source_prompt", PROMPT, "--out", str(tmp_path / "edit"))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "edit").glob("*.mp4"))) == 1
     result = lumiere("cinemagraph", "--image", str(image))
     assert result.returncode != 0 and "needs the region: --box or --mask" in result.stderr
     result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"))
     assert result.returncode != 0 and "no video file" in result.stderr
+    result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"), "--source_prompt",
+                     PROMPT)
+    assert result.returncode != 0 and "add --invert, or leave it out" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -138,6 +138,18 @@ def test_sampling_runs_sharded_with_no_collectives(video):
     assert not [c for c in COLLECTIVES if c in hlo]
 
 
+def test_sdedit_from_the_inversion_is_the_same_split_over_devices(video):
+    """SDEdit from a DDIM inversion (its own unguided pass with the source captions, then the
+    guided sampling) split over devices: 5 examples on 5 devices equal one device's."""
+    init = np.random.default_rng(1).integers(0, 256, (5, FRAMES, SIZE, SIZE, 3), np.uint8)
+    kwargs = dict(init=init, strength=0.6, invert=True, source_prompts=PROMPTS[1:6])
+    one = video["one"](PROMPTS[:5], SEEDS[:5], GUIDANCE[:5], **kwargs)
+    split = video["eight"](PROMPTS[:5], SEEDS[:5], GUIDANCE[:5], **kwargs)
+    _assert_same_pixels(split, one)
+    plain = video["one"](PROMPTS[:5], SEEDS[:5], GUIDANCE[:5], init=init, strength=0.6)
+    assert not np.array_equal(plain, one)
+
+
 def test_ddpm_and_chunks_are_exact_when_padded():
     """DDPM draws each step's noise for the whole batch from one key: padding appends examples
     and leaves the earlier ones' noise as it is, so 3 examples padded to 4 over 2 devices
@@ -162,6 +174,11 @@ def test_ddpm_and_chunks_are_exact_when_padded():
             (sample(jax.local_devices()[6:], 3, 4), sample(None, 3, 4))):
         _assert_same_pixels(split, one)
         np.testing.assert_allclose(floats, one_floats, rtol=0, atol=1e-5)
+    ddpm = generate.Generator(model, diffusion, tokenizer, config.text.max_length, shape,
+                              sampler="ddpm", steps=2)
+    with pytest.raises(ValueError, match="invert=True needs the DDIM sampler"):
+        ddpm(PROMPTS[:1], SEEDS[:1], init=np.zeros((1, *shape), np.uint8), strength=0.5,
+             invert=True)
 
 
 def test_ssr_upsampling_is_the_same_split_over_devices():

@@ -187,13 +187,18 @@ def cinemagraph(generator: Generator, image: np.ndarray, region: np.ndarray, pro
 
 def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float,
            seeds: Sequence[int], guidance: float = 3.0,
-           negative_prompt: str = "") -> np.ndarray:
+           negative_prompt: str = "", invert: bool = False,
+           source_prompt: str = "") -> np.ndarray:
     """`video` (uint8 [t, h, w, 3]) edited towards `prompt`: noised to diffusion time
     `strength` (0: unchanged, 1: a new video from the seed) and denoised with the prompt.
 
     negative_prompt: what guidance steers away from instead of the empty caption; the input's
     own caption makes the edit change what differs between the two captions (e.g. the colour)
-    at a strength low enough to keep the rest (README "Applications")."""
+    at a strength low enough to keep the rest (README "Applications").
+    invert: start from the video's DDIM inversion under `source_prompt` (its caption; "" the
+    empty one) instead of the video noised with each seed's noise: deterministic (the seeds
+    give identical edits) and it keeps more of the input's motion at a given colour change
+    (README "Applications"); strength 1 is then no longer plain text-to-video."""
     t, h, w = _video_shape(generator)
     if np.shape(video) != (t, h, w, 3):
         raise ValueError(f"sdedit: the video must have the model's shape {(t, h, w, 3)}, got "
@@ -201,4 +206,5 @@ def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float
     n = len(seeds)
     return generator([prompt] * n, list(seeds), guidance, strength=strength,
                      init=np.broadcast_to(np.asarray(video), (n, t, h, w, 3)),
-                     negative_prompts=[negative_prompt] * n)
+                     negative_prompts=[negative_prompt] * n, invert=invert,
+                     source_prompts=[source_prompt] * n if invert else None)

@@ -214,6 +214,55 @@ def _sample(
     return jnp.clip(x0, -1.0, 1.0) if clip_output else x0
 
 
+def ddim_invert(
+    fn: PredictionFn,
+    x0: jax.Array,
+    diffusion: Diffusion,
+    *,
+    steps: int,
+    end_t: float | jax.Array,
+) -> jax.Array:
+    """DDIM run backwards (DDIM inversion): the state at time end_t whose deterministic DDIM
+    path leads to x0; returns z [x0's shape] float32.
+
+    Walks the grid the sampler uses (t_i = end_t * i / steps), from the clean level up: at
+    each t_i the model's (x0, eps) estimate from z_i is re-noised to the next level,
+    z_{i+1} = alpha_{i+1} x0_hat + sigma_{i+1} eps_hat. This is the deterministic DDIM step
+    with its two levels swapped, so ddim_sample(fn, ..., steps=steps, start_t=end_t,
+    z_init=ddim_invert(fn, x0, ..., end_t=end_t)) retraces the path back to about x0, the
+    closer the more steps (exact for a denoiser whose estimates do not change along the
+    path). An edit that starts from this z instead of freshly noised data keeps what the
+    input's own path decided (e.g. where an object is). No thresholding: the path inverted
+    is the network's own, and the grid point t_0 = 0 is evaluated at the schedule's finite
+    logsnr(0).
+
+    Args:
+      fn: (z [b, ...], logsnr [b]) -> prediction of type diffusion.prediction (usually the
+        conditional prediction with the input's own caption, without guidance).
+      x0: [b, ...] clean data.
+      steps: model calls.
+      end_t: time in (0, 1] to invert to (SDEdit's strength).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"ddim_invert: steps must be a positive int, got {steps!r}.")
+    if isinstance(end_t, (int, float)) and not 0.0 < end_t <= 1.0:
+        raise ValueError(f"ddim_invert: end_t must be in (0, 1], got {end_t}.")
+    batch = x0.shape[0]
+
+    def level(i):  # [b] logsnr at grid point i
+        t = end_t * jnp.asarray(i, jnp.float32) / steps
+        return jnp.full((batch,), diffusion.logsnr(t), jnp.float32)
+
+    def body(i, z):
+        logsnr_s, logsnr_t = level(i), level(i + 1)
+        pred = fn(z, logsnr_s).astype(jnp.float32)
+        x0_hat, eps = schedules.x0_eps_from_prediction(diffusion.prediction, pred, z, logsnr_s)
+        alpha_t, sigma_t = schedules.alpha_sigma(schedules.per_example(logsnr_t, z))
+        return alpha_t * x0_hat + sigma_t * eps
+
+    return jax.lax.fori_loop(0, steps, body, jnp.asarray(x0, jnp.float32))
+
+
 def ddim_sample(
     fn: PredictionFn,
     shape: Sequence[int],
