@@ -117,6 +117,8 @@ def test_sdedit_from_the_inversion_retraces_the_input(generator):
     assert error(inverted[0]) < 0.5 * error(noised), (error(inverted[0]), error(noised))
     with pytest.raises(ValueError, match="pass invert=True as well"):
         generator([PROMPT], [0], init=video[None], strength=0.5, source_prompts=[PROMPT])
+    with pytest.raises(ValueError, match="pass invert=True as well"):
+        editing.sdedit(generator, video, PROMPT, 0.5, [0], source_prompt=PROMPT)
     with pytest.raises(ValueError, match="give init and a strength"):
         generator([PROMPT], [0], invert=True)
     with pytest.raises(ValueError, match="purple"):

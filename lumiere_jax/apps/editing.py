@@ -196,9 +196,10 @@ def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float
     own caption makes the edit change what differs between the two captions (e.g. the colour)
     at a strength low enough to keep the rest (README "Applications").
     invert: start from the video's DDIM inversion under `source_prompt` (its caption; "" the
-    empty one) instead of the video noised with each seed's noise: deterministic (the seeds
-    give identical edits) and it keeps more of the input's motion at a given colour change
-    (README "Applications"); strength 1 is then no longer plain text-to-video."""
+    empty one; a source_prompt without invert is an error) instead of the video noised with
+    each seed's noise: deterministic (the seeds give identical edits) and it keeps more of the
+    input's motion at a given colour change (README "Applications"); strength 1 is then no
+    longer plain text-to-video."""
     t, h, w = _video_shape(generator)
     if np.shape(video) != (t, h, w, 3):
         raise ValueError(f"sdedit: the video must have the model's shape {(t, h, w, 3)}, got "
@@ -207,4 +208,4 @@ def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float
     return generator([prompt] * n, list(seeds), guidance, strength=strength,
                      init=np.broadcast_to(np.asarray(video), (n, t, h, w, 3)),
                      negative_prompts=[negative_prompt] * n, invert=invert,
-                     source_prompts=[source_prompt] * n if invert else None)
+                     source_prompts=[source_prompt] * n if source_prompt else None)
