@@ -19,16 +19,30 @@ from lumiere_jax.diffusion.schedules import Diffusion
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
-def sample_times(rng: jax.Array, batch: int, low_discrepancy: bool) -> jax.Array:
-    """t ~ U(0, 1) per example: [batch] float32.
+def sample_times(rng: jax.Array, batch: int, low_discrepancy: bool,
+                 distribution: str = "uniform", logit_mean: float = 0.0,
+                 logit_std: float = 1.0) -> jax.Array:
+    """Training times t in [0, 1): [batch] float32.
 
-    low_discrepancy: one uniform u, then t_i = (u + i / batch) mod 1 (VDM, Kingma et al.
-    2021): every t is still U(0, 1), but the batch covers [0, 1) evenly.
+    low_discrepancy: one uniform u, then u_i = (u + i / batch) mod 1 (VDM, Kingma et al.
+    2021): every u_i is still U(0, 1), but the batch covers [0, 1) evenly.
+    distribution: 'uniform' (t = u) or 'logit_normal' (t = sigmoid(logit_mean + logit_std *
+    Phi^-1(u)), the timestep density of SD3, Esser et al. 2024): more of the batch at the
+    noise levels around sigmoid(logit_mean); t near 1 is high noise. Drawn through the
+    inverse CDF so a low-discrepancy batch stays evenly spread over the distribution's
+    quantiles.
     """
     if low_discrepancy:
         u = jax.random.uniform(rng, (), jnp.float32)
-        return jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
-    return jax.random.uniform(rng, (batch,), jnp.float32)
+        u = jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+    else:
+        u = jax.random.uniform(rng, (batch,), jnp.float32)
+    if distribution == "uniform":
+        return u
+    if distribution == "logit_normal":
+        return jax.nn.sigmoid(logit_mean + logit_std * jax.scipy.special.ndtri(u))
+    raise ValueError(f"sample_times: unknown distribution {distribution!r}; expected one of "
+                     f"{schedules.TIME_DISTRIBUTIONS}.")
 
 
 def loss_weight(logsnr: jax.Array, config: Diffusion) -> jax.Array:
@@ -69,8 +83,8 @@ def diffusion_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Denoising loss for a batch of clean data.
 
-    Draws t ~ U(0, 1) and eps ~ N(0, I) per example (frames correlated per
-    config.frame_correlation), builds z = alpha x0 + sigma eps, and
+    Draws t (U(0, 1), or per config.time_distribution) and eps ~ N(0, I) per example (frames
+    correlated per config.frame_correlation), builds z = alpha x0 + sigma eps, and
     regresses the model's output on the target of config.prediction, weighted per
     config.loss_weighting.
 
@@ -89,7 +103,8 @@ def diffusion_loss(
     """
     batch = x0.shape[0]
     time_rng, noise_rng = jax.random.split(rng)
-    t = sample_times(time_rng, batch, config.low_discrepancy_t)
+    t = sample_times(time_rng, batch, config.low_discrepancy_t, config.time_distribution,
+                     config.time_logit_mean, config.time_logit_std)
     logsnr = config.logsnr(t)
     eps = config.noise(noise_rng, x0.shape).astype(x0.dtype)
     alpha, sigma = schedules.alpha_sigma(schedules.per_example(logsnr, x0))

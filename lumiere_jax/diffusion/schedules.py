@@ -32,6 +32,9 @@ LOSS_WEIGHTINGS = ("none", "min_snr", "truncated_snr")
 # What happens to every x0 estimate during sampling:
 #   'none': nothing; 'static': clip to [-1, 1]; 'dynamic': Imagen's dynamic thresholding.
 THRESHOLDINGS = ("none", "static", "dynamic")
+# The density of training times t (losses.sample_times): 'uniform', or 'logit_normal' (SD3),
+# which trains more at one band of noise levels without changing the loss weights.
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 
 
 def logsnr_cosine(
@@ -200,6 +203,11 @@ class Diffusion:
       min_snr_gamma: gamma of 'min_snr'.
       low_discrepancy_t: draw the batch's times as u + i/b mod 1 (VDM) rather than
         independently; same marginal U(0, 1), lower variance of the batch loss.
+      time_distribution: the training times' density, one of TIME_DISTRIBUTIONS: 'uniform'
+        (every config so far), or 'logit_normal' with time_logit_mean / time_logit_std
+        (losses.sample_times): puts more of training where the model must learn most, e.g.
+        a mean of 4.4 draws half the times below log-SNR -8 on the default cosine schedule.
+        Training only: samplers walk their own grid.
       thresholding: one of THRESHOLDINGS, applied to every x0 estimate while sampling.
       dynamic_percentile: Imagen's p: the per-example quantile of |x0| used as the threshold.
       frame_correlation: for videos, the correlation of the noise between any two frames of
@@ -214,6 +222,9 @@ class Diffusion:
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     low_discrepancy_t: bool = True
+    time_distribution: str = "uniform"
+    time_logit_mean: float = 0.0
+    time_logit_std: float = 1.0
     thresholding: str = "dynamic"
     dynamic_percentile: float = 0.995
     frame_correlation: float = 0.0
@@ -243,6 +254,15 @@ class Diffusion:
                 f"got {self.dynamic_percentile}."
             )
 
+        if self.time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(
+                f"Diffusion: unknown time_distribution {self.time_distribution!r}; expected one "
+                f"of {TIME_DISTRIBUTIONS}."
+            )
+        if not self.time_logit_std > 0:
+            raise ValueError(
+                f"Diffusion: time_logit_std must be > 0, got {self.time_logit_std}."
+            )
         if not 0.0 <= self.frame_correlation < 1.0:
             raise ValueError(
                 "Diffusion: frame_correlation is a correlation in [0, 1) (0 = independent "
