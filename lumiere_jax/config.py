@@ -41,6 +41,8 @@ from etils import epath
 from ml_collections import config_dict
 from ml_collections.config_dict import ConfigDict, FieldReference
 
+from lumiere_jax.data.remote import write_atomic
+
 RESOLVED_CONFIG_NAME = "config.json"
 _NONE_WORDS = ("none", "null")
 _TRUE_WORDS = ("true", "1", "yes")
@@ -497,12 +499,15 @@ def resolved_config_path(workdir: str | epath.PathLike) -> epath.Path:
 def write_resolved_config(config: ConfigDict, workdir: str | epath.PathLike) -> epath.Path:
     """Writes `workdir/config.json` (sorted keys, indented) and returns its path.
 
-    On several hosts, call it from process 0 only. `workdir` may be local or gs://.
+    On several hosts, call it from process 0 only. `workdir` may be local or gs://. Written
+    atomically (data.remote.write_atomic).
     """
     text = json.dumps(_to_json_value(config, ""), indent=2, sort_keys=True) + "\n"
     path = resolved_config_path(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    # Whole or not at all: the other processes of a resumed run read it while process 0
+    # rewrites it, and a crash mid-write must not leave a run that cannot resume.
+    write_atomic(path, text)
     return path
 
 

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from lumiere_jax import config as config_lib
 from lumiere_jax.config import ConfigError
+from lumiere_jax.data.remote import write_atomic
 
 AXES = ("model", "steps", "prompt", "seed", "guidance")
 CONFIG_KEYS = ("model", "prompts", "seeds", "guidance", "steps", "batch_size")
@@ -186,19 +187,6 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    """A summary file: replaced whole, so a reader never sees half of it."""
-    if not _is_local(path):
-        path.write_bytes(data)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_manifest(path: epath.Path, repair: bool) -> dict[str, dict[str, Any]]:
@@ -421,7 +409,7 @@ def _check_or_write_record(out: epath.Path, record: dict[str, Any], writer: bool
             raise ConfigError(f"{out} holds a different sweep ({what}); rerun it with the config "
                               f"in {path}, or use a new --out for this one")
     elif writer:
-        _write_atomic(path, (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode())
+        write_atomic(path, (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 def _scan_items(items_dir: epath.Path, owned: dict[str, dict[str, Any]],
@@ -543,7 +531,7 @@ def write_summary(out: epath.Path, items: Sequence[dict[str, Any]]) -> int:
     found = _collect(out, items)
     _write_csv(out / "metrics.csv", items, found)
     plots = write_plots(out / "plots", items, found)
-    _write_atomic(out / "index.html", render_index(items, found, plots).encode())
+    write_atomic(out / "index.html", render_index(items, found, plots).encode())
     return len(items) - len(found)
 
 
@@ -563,7 +551,7 @@ def _write_csv(path: epath.Path, items: Sequence[dict[str, Any]],
                          "checkpoint_step": metrics.get("checkpoint_step"),
                          "seconds": round(metrics["seconds"], 4),
                          **{k: _csv_value(metrics["scores"].get(k)) for k in score_keys}})
-    _write_atomic(path, buffer.getvalue().encode())
+    write_atomic(path, buffer.getvalue().encode())
 
 
 def _csv_value(value: Any) -> Any:
@@ -627,7 +615,7 @@ def write_plots(plots_dir: epath.Path, items: Sequence[dict[str, Any]],
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", bbox_inches="tight")
         plt.close(fig)
-        _write_atomic(plots_dir / f"{axis}.png", buffer.getvalue())
+        write_atomic(plots_dir / f"{axis}.png", buffer.getvalue())
         written[axis] = f"plots/{axis}.png"
     return written
 

@@ -363,6 +363,51 @@ def test_read_resolved_config_errors(tmp_path):
     assert "is not valid JSON" in error_of(cfg.read_resolved_config, tmp_path)
 
 
+def test_resolved_config_is_replaced_whole(base_path, tmp_path, monkeypatch):
+    """config.json is rewritten on every (resumed) start by process 0 while the other
+    processes read it: a write cut short (a kill before the rename, here a failing fsync)
+    leaves the previous file, and no temporary behind."""
+    run = tmp_path / "run"
+    config = cfg.load_config(base_path + ":tiny")
+    cfg.write_resolved_config(config, run)
+    before = (run / "config.json").read_bytes()
+    changed = cfg.load_config(base_path + ":tiny", ["train.max_steps=123"])
+
+    def killed(fd):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr("os.fsync", killed)
+    with pytest.raises(OSError, match="killed mid-write"):
+        cfg.write_resolved_config(changed, run)
+    monkeypatch.undo()
+    assert (run / "config.json").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    cfg.write_resolved_config(changed, run)
+    assert cfg.read_resolved_config(run).train.max_steps == 123
+
+
+def test_resolved_config_never_read_half_written(base_path, tmp_path):
+    """A reader racing a process that rewrites config.json in a loop only ever sees a whole
+    file (what a resumed multi-process run does: process 1 checks the config that process 0
+    is rewriting). With a truncate-then-write this fails within a few hundred reads."""
+    config = cfg.load_config(base_path + ":tiny")
+    cfg.write_resolved_config(config, tmp_path)
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from lumiere_jax import config as cfg
+        config = cfg.load_config({base_path + ':tiny'!r})
+        for _ in range(400):
+            cfg.write_resolved_config(config, {str(tmp_path)!r})
+        """)])
+    reads = 0
+    try:
+        while writer.poll() is None:
+            assert cfg.read_resolved_config(tmp_path).data.resolution == 64
+            reads += 1
+    finally:
+        writer.wait(timeout=60)
+    assert writer.returncode == 0 and reads > 0
+
+
 def test_write_refuses_values_json_cannot_hold(tmp_path):
     config = config_dict.ConfigDict({"a": {"scale": np.float32(0.5), "fn": object()}})
     assert "config a.fn holds a object" in error_of(cfg.write_resolved_config, config, tmp_path)

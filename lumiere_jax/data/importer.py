@@ -37,6 +37,7 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
+from lumiere_jax.data.remote import write_atomic
 from lumiere_jax.data.shards import ClipRecord, shard_name, write_manifest, write_shard
 from lumiere_jax.data.video_io import is_remote, read_video
 
@@ -279,9 +280,4 @@ def _finished(out_dir: Path, task: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path | epath.Path, value: Any) -> None:
-    if is_remote(path):  # one object write: atomic already
-        path.write_text(json.dumps(value, indent=1))
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=1))

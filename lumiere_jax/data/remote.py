@@ -26,6 +26,30 @@ def is_remote(path: PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+def write_atomic(path: PathLike, data: bytes | str) -> None:
+    """Writes a small file whole, so that a reader (another process, or a run after a crash)
+    sees the old content or the new, never a part.
+
+    Local: a temporary file beside it, fsynced, then renamed over it (atomic on POSIX; the
+    temporary name carries the pid, so concurrent writers do not share one). Remote (gs://):
+    one object write, which is atomic already (renames there are copies).
+    """
+    data = data.encode() if isinstance(data, str) else data
+    if is_remote(path):
+        epath.Path(path).write_bytes(data)
+        return
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def local_file_for(path: PathLike) -> Iterator[Path]:
     """A local file to write `path`'s content to, for writers that need a real file.

@@ -32,14 +32,13 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
-from lumiere_jax.data.remote import is_remote, local_file_for
+from lumiere_jax.data.remote import local_file_for, write_atomic
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "lumiere_jax.clip_shards"
@@ -197,14 +196,7 @@ def write_manifest(out_dir: PathLike, shards: Sequence[dict[str, Any]],
         "metadata": metadata,
         "shards": list(shards),
     }
-    text = json.dumps(manifest, indent=1)
-    if is_remote(out_dir):  # one object write: atomic already
-        (epath.Path(out_dir) / MANIFEST_NAME).write_text(text)
-        return manifest
-    path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(epath.Path(out_dir) / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
 
 

@@ -38,7 +38,7 @@ from etils import epath
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from lumiere_jax.data.remote import is_remote
+from lumiere_jax.data.remote import is_remote, write_atomic
 
 _STEP = "step"
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -164,21 +164,13 @@ class MetricsWriter:
         return columns, rows
 
     def _rewrite_csv(self, rows: list[dict[str, str]]) -> None:
-        """Writes header + rows to a temporary file, then renames it over the old one (on gs://,
-        where renames are copies, the object is written whole: that is atomic already)."""
-        if self._remote:
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=self._columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-            epath.Path(self.csv_path).write_bytes(text.getvalue().encode())
-            return
-        temporary = self.csv_path + ".tmp"
-        with open(temporary, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, self.csv_path)
+        """Writes header + rows whole (data.remote.write_atomic), so a reader sees the old
+        table or the new one."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self._columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.csv_path, text.getvalue())
 
     # -- images
 
