@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from lumiere_jax import config as config_lib
 from lumiere_jax.config import ConfigError
-from lumiere_jax.data.remote import write_atomic
+from lumiere_jax.data.remote import is_remote, write_atomic
 
 AXES = ("model", "steps", "prompt", "seed", "guidance")
 CONFIG_KEYS = ("model", "prompts", "seeds", "guidance", "steps", "batch_size")
@@ -177,10 +177,6 @@ def expand_items(sweep_config: ConfigDict) -> list[dict[str, Any]]:
 # Files: local ones are written with fsync and atomic renames; gs:// ones through epath.
 
 
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
 def _fsync_path(path: str, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
@@ -196,7 +192,7 @@ def _read_manifest(path: epath.Path, repair: bool) -> dict[str, dict[str, Any]]:
         return {}
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if repair and complete != data and _is_local(path):
+    if repair and complete != data and not is_remote(path):
         with open(path, "r+b") as f:
             f.truncate(len(complete))
             os.fsync(f.fileno())
@@ -217,7 +213,7 @@ def _append_manifest(path: epath.Path, entries: Sequence[dict[str, Any]]) -> Non
     if not entries:
         return
     data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode()
-    if not _is_local(path):
+    if is_remote(path):
         path.write_bytes((path.read_bytes() if path.exists() else b"") + data)
         return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -229,7 +225,7 @@ def _append_manifest(path: epath.Path, entries: Sequence[dict[str, Any]]) -> Non
 
 
 def _file_size(path: epath.Path) -> int:
-    return os.path.getsize(path) if _is_local(path) else path.stat().length
+    return path.stat().length if is_remote(path) else os.path.getsize(path)
 
 
 def _read_metrics(item_dir: epath.Path) -> dict[str, Any] | None:
@@ -253,7 +249,7 @@ class _DirLock:
 
     def __init__(self, out: epath.Path, process_index: int):
         self.out = out
-        self.path = os.fspath(out / f".lock-p{process_index}") if _is_local(out) else None
+        self.path = None if is_remote(out) else os.fspath(out / f".lock-p{process_index}")
         self.fd = None
 
     def __enter__(self):
@@ -331,7 +327,7 @@ def _write_item(items_dir: epath.Path, item: dict[str, Any], sample: np.ndarray,
     from lumiere_jax.sampling import write_sample
 
     start = time.perf_counter()
-    local = _is_local(items_dir)
+    local = not is_remote(items_dir)
     staging_root = os.fspath(items_dir) if local else tempfile.mkdtemp(prefix="lumiere_sweep_")
     staging = os.path.join(staging_root, f"{TMP_PREFIX}{item['id']}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -437,7 +433,7 @@ def _scan_items(items_dir: epath.Path, owned: dict[str, dict[str, Any]],
 
 
 def _remove_tree(path: epath.Path) -> None:
-    if _is_local(path):
+    if not is_remote(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.rmtree(missing_ok=True)
