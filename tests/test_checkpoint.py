@@ -177,6 +177,33 @@ def test_mismatch_names_missing_unexpected_and_misshaped_arrays(tmp_path):
     assert "item 'ema' is not in the checkpoint (it has: ['temporal'])" in message
 
 
+def test_a_reader_leaves_a_save_in_progress_alone(tmp_path):
+    """eval / sample / export open a run's checkpoints read-only, so they may run beside the
+    training: they must not remove its in-progress (temporary) save, nor write anything."""
+    params = _params()
+    with Checkpointer(tmp_path, async_save=False) as writer:
+        writer.save(1, {"params": params}, {})
+    in_progress = tmp_path / "2.orbax-checkpoint-tmp"
+    in_progress.mkdir()
+    (in_progress / "part").write_text("being written")
+    before = sorted(os.listdir(tmp_path))
+
+    with Checkpointer(tmp_path, read_only=True) as reader:
+        assert reader.latest_step() == 1
+        items, _ = reader.restore(None, {"params": jax.eval_shape(lambda: params)})
+        with pytest.raises(ValueError, match="opened read-only"):
+            reader.save(3, {"params": params}, {})
+    _assert_trees_equal(items["params"], params)
+    assert sorted(os.listdir(tmp_path)) == before and in_progress.is_dir()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Checkpointer(tmp_path / "missing", read_only=True)
+    assert not (tmp_path / "missing").exists()
+
+    with Checkpointer(tmp_path, async_save=False) as writer:  # a writer removes such leftovers
+        writer.save(3, {"params": params}, {})
+    assert not in_progress.exists()
+
+
 def test_clear_errors_for_bad_directories_steps_and_inputs(tmp_path):
     with Checkpointer(tmp_path / "empty") as checkpointer:
         with pytest.raises(FileNotFoundError, match="no complete checkpoint in .*empty"):

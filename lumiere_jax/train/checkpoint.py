@@ -366,29 +366,38 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                  keep_period: int | None = None, async_save: bool = True,
-                 save_interval_steps: int = 1):
+                 save_interval_steps: int = 1, read_only: bool = False):
         for name, value in (("max_to_keep", max_to_keep), ("keep_period", keep_period)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         self.directory = _absolute(directory)
-        _ensure_writable_directory(self.directory)
-        policies = ocp.checkpoint_managers
-        keep = [policies.LatestN(n=max_to_keep)]
-        if keep_period is not None:
-            keep.append(policies.EveryNSteps(keep_period))
-        options = ocp.CheckpointManagerOptions(
-            # No InitialSavePolicy: saves happen exactly on multiples of the interval (and on
-            # a preemption signal), which makes the schedule predictable.
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(save_interval_steps),
-                policies.PreemptionCheckpointingPolicy()]),
-            preservation_policy=policies.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # leftovers of a save killed mid-way
-            create=True,
-        )
+        self.read_only = read_only
+        if read_only:
+            # A reader (eval, sample or export beside a running training) neither saves,
+            # deletes nor cleans up: leftover temporary directories may be a save in progress.
+            if not self.directory.is_dir():
+                raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+            options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                                   create=False, cleanup_tmp_directories=False)
+        else:
+            _ensure_writable_directory(self.directory)
+            policies = ocp.checkpoint_managers
+            keep = [policies.LatestN(n=max_to_keep)]
+            if keep_period is not None:
+                keep.append(policies.EveryNSteps(keep_period))
+            options = ocp.CheckpointManagerOptions(
+                # No InitialSavePolicy: saves happen exactly on multiples of the interval (and
+                # on a preemption signal), which makes the schedule predictable.
+                save_decision_policy=policies.AnySavePolicy([
+                    policies.FixedIntervalPolicy(save_interval_steps),
+                    policies.PreemptionCheckpointingPolicy()]),
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # leftovers of a save killed mid-way
+                create=True,
+            )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- saving
@@ -400,6 +409,8 @@ class Checkpointer:
         Returns whether a save started. With async saves, arrays are copied to host before
         returning, so the caller may donate or overwrite them right after.
         """
+        if self.read_only:
+            raise ValueError(f"cannot save step {step}: {self.directory} was opened read-only")
         if not isinstance(items, Mapping) or not items:
             raise ValueError("items must be a non-empty dict of name -> pytree, "
                              f"got {type(items).__name__}")
@@ -519,6 +530,12 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves and releases Orbax's threads."""
+        # Orbax (0.12) starts the clean-up of leftover temporary directories in a thread when
+        # the manager opens and awaits it only at the first save; a manager closed before any
+        # save would leave it running into interpreter shutdown, which then prints a traceback.
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

@@ -468,6 +468,19 @@ def restore_train_state(ckpt: Checkpointer, step: int, state: TrainState, frozen
     return state, frozen
 
 
+def _no_checkpoint(workdir: str) -> str:
+    return (f"no checkpoint in {workdir}/checkpoints: train first with "
+            f"`lumiere train --config ... --workdir {workdir}`")
+
+
+def _read_checkpoints(workdir: str) -> Checkpointer:
+    """A run's checkpoints, opened read-only: a training may be saving into them."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(_no_checkpoint(workdir))
+    return Checkpointer(directory, max_to_keep=None, read_only=True)
+
+
 def load_train_state(config: ConfigDict, workdir: str, step: int | None = None
                      ) -> tuple[TrainState, nnx.State, int]:
     """(state, frozen, step) of a run's checkpoint on the mesh of `config` (which may differ
@@ -475,10 +488,10 @@ def load_train_state(config: ConfigDict, workdir: str, step: int | None = None
     mesh = make_mesh(config.get("mesh"))
     graphdef, params, frozen = init_sharded(config, mesh, mesh_rules(config.get("mesh")))
     state = init_state(params, make_optimizer(config.train), mesh)
-    with Checkpointer(epath.Path(workdir) / "checkpoints", max_to_keep=None) as ckpt:
+    with _read_checkpoints(workdir) as ckpt:
         step = ckpt.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+            raise FileNotFoundError(_no_checkpoint(workdir))
         state, frozen = restore_train_state(ckpt, step, state, frozen, mesh)
     return state, frozen, step
 
@@ -614,13 +627,11 @@ def restore_model(config: ConfigDict, workdir: str, step: int | None = None,
     """The denoiser of a training run at `step` (default: latest), with EMA weights by default."""
     model = build_denoiser(config, nnx.Rngs(config.seed))
     graphdef, params, frozen = split_model(model, config.train.trainable)
-    ckpt = Checkpointer(epath.Path(workdir) / "checkpoints", max_to_keep=None)
+    ckpt = _read_checkpoints(workdir)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {workdir}/checkpoints: train first with "
-                f"`lumiere train --config ... --workdir {workdir}`")
+            raise FileNotFoundError(_no_checkpoint(workdir))
         name = "ema" if use_ema else "params"
         items, metadata = ckpt.restore(step, {name: _to_pure(params)})
     finally:
