@@ -128,6 +128,17 @@ def test_initialising_without_declaring_the_new_input_lists_it(plain_export):
         inflate_from_export(model, plain_export)
 
 
+def test_going_on_from_a_conditional_export_loads_its_conditioning_input(conditional_export):
+    """The masked config declares the conditioning input new: a plain export may lack it,
+    a conditional one (to go on fine-tuning) has it, and then it is loaded."""
+    config = _config(True, conditional_export)
+    model = build_denoiser(config, nnx.Rngs(0))
+    assert inflate_from_export(model, conditional_export, config.init_new_params)["new"] == 0
+    _, source, _ = load_export(conditional_export)
+    np.testing.assert_array_equal(model.net.temporal.cond_in.kernel[...],
+                                  source.net.temporal.cond_in.kernel[...])
+
+
 def test_fine_tuning_trains_the_conditioning_input_and_nothing_spatial(plain_export):
     config = _config(True, plain_export)
     model = build_denoiser(config, nnx.Rngs(0))

@@ -52,7 +52,8 @@ def _source_path(path: str, rules: Sequence[tuple[str, str]]) -> str | None:
 def inflate(model: Denoiser, source: Mapping[str, Any], *,
             rules: Sequence[tuple[str, str]] = IMAGE_TO_VIDEO_RULES,
             new_params: str = NEW_PARAMS, where: str = "the source checkpoint") -> dict:
-    """Copies `source` (a pure dict of the image denoiser's params) into `model` in place.
+    """Copies `source` (a pure dict of the image denoiser's params) into `model` in place;
+    parameters matching the regex `new_params` that the source lacks keep their initialisation.
 
     Returns {'copied': n, 'new': n}. Raises InflationError listing every mismatch.
     """
@@ -61,10 +62,10 @@ def inflate(model: Denoiser, source: Mapping[str, Any], *,
     src = _flat(source)
     values, missing, misshaped, new, matched = {}, [], [], [], set()
     for path, leaf in target.items():
-        if re.match(new_params, path):
-            new.append(path)
-            continue
         src_path = _source_path(path, rules)
+        if re.match(new_params, path) and (src_path is None or src_path not in src):
+            new.append(path)  # the source may lack it: it keeps its initialisation
+            continue
         if src_path is None or src_path not in src:
             missing.append(f"{path} (looked for {src_path})")
             continue
@@ -85,6 +86,9 @@ def inflate(model: Denoiser, source: Mapping[str, Any], *,
                 lines += [f"  {item}" for item in items[:20]]
                 if len(items) > 20:
                     lines.append(f"  ... and {len(items) - 20} more")
+        if missing:
+            lines.append(f"parameters meant to start afresh must match init_new_params "
+                         f"(now {new_params!r})")
         raise InflationError("\n".join(lines))
 
     def nest(flat: Mapping[str, Any]) -> dict:
