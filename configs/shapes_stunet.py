@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         grad_accum=1, preemption=True, progress=True)
     if arg.masked:  # one random mask per clip (diffusion/masks.py)
         c.train.mask_kinds = ("none", "first_frame", "box", "spatiotemporal", "border")
+        c.train.known_weight = 1.0  # loss weight of the known pixels against the rest
     # One device (a tiny model gains nothing from more on a CPU); `--config.mesh.data=-1` uses
     # them all. mesh.dcn: sizes across slices; mesh.rules: logical-axis rules before the defaults.
     c.mesh = dict(data=1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())

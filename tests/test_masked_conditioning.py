@@ -234,3 +234,34 @@ def test_known_frame_psnrs_show_whether_the_given_frame_is_used(conditional_expo
     report = evaluate_generator(generator, config, str(tmp_path), 0)  # `lumiere eval`
     assert report["summary"]["known_frame"] == known_frame_psnrs(
         generator, config, config.eval.num_samples)
+
+
+def test_known_pixels_weigh_known_weight_times_the_rest(conditional_export):
+    """train.known_weight = k: per clip, the loss is (k * known error + unknown error) /
+    (k * known count + unknown count). With the first frame known (1/T of the clip) and the
+    same draws for every k, L(k) = ((T - 1) e_u + k e_k) / (T - 1 + k)."""
+    config, model, _ = load_export(conditional_export)
+    graphdef, params, frozen = trainer.split_model(model, "^net/")
+    null = {"ids": jnp.zeros((1, config.text.max_length), jnp.int32).at[0, 0].set(1),
+            "mask": (jnp.arange(config.text.max_length) < 1)[None]}
+    rng = np.random.default_rng(1)
+    batch = {"pixels": jnp.asarray(rng.uniform(-1, 1, (1, T, H, W, 3)), jnp.float32),
+             "ids": jnp.asarray(rng.integers(3, 50, (1, config.text.max_length)), jnp.int32),
+             "mask": jnp.ones((1, config.text.max_length), bool)}
+    diffusion = Diffusion.from_config(config.diffusion)
+
+    def loss(known_weight, kinds=("first_frame",)):
+        train = config.train.copy_and_resolve_references()
+        train.update(known_weight=known_weight, mask_kinds=kinds)
+        loss_fn = trainer.make_loss_fn(graphdef, diffusion, train, null)
+        return float(loss_fn(params, frozen, batch, jax.random.key(7))[0])
+
+    uniform, heavy = loss(1.0), loss(1e7)  # heavy ~ the known frame's error alone
+    unknown = (uniform * T - heavy) / (T - 1)
+    assert abs(heavy - unknown) > 0.01 * uniform  # the two regions' errors differ
+    np.testing.assert_allclose(loss(16.0), ((T - 1) * unknown + 16 * heavy) / (T - 1 + 16),
+                               rtol=1e-4)
+    # Nothing known: every weight is 1 (a weighted mean, so equal up to rounding).
+    np.testing.assert_allclose(loss(16.0, ("none",)), loss(1.0, ("none",)), rtol=1e-6)
+    with pytest.raises(ValueError, match="known_weight must be > 0"):
+        loss(0.0)

@@ -135,12 +135,17 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
     """(params, frozen, batch, rng) -> (loss, aux): the denoising loss with caption dropout.
 
     For a conditional STUNet (model.temporal.cond_channels), every clip also gets a random
-    mask of the kinds in train.mask_kinds (diffusion.masks) and the masked clip as input.
+    mask of the kinds in train.mask_kinds (diffusion.masks) and the masked clip as input;
+    its known pixels weigh train.known_weight times the others in the loss.
     For an SSR model, the SSR loss: its low-res condition is made from the batch's clips
     (downsampled, then noise-augmented at levels drawn from train.aug_range).
     """
     aug_range = tuple(train.get("aug_range", (0.0, 0.5)))
     mask_kinds = check_mask_kinds(train.get("mask_kinds", MASK_KINDS))
+    known_weight = float(train.get("known_weight", 1.0))
+    if not known_weight > 0:
+        raise ValueError(f"train.known_weight must be > 0 (the loss weight of known pixels "
+                         f"relative to the rest), got {known_weight}")
 
     def loss_fn(params, frozen, batch, rng):
         model: Denoiser = nnx.merge(graphdef, params, frozen)
@@ -153,6 +158,12 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
             mask_rng, loss_rng = jax.random.split(loss_rng)
             masks = random_masks(mask_rng, batch["pixels"].shape[:4], mask_kinds)
             cond = {**cond, "masked": masked_video(batch["pixels"], masks)}
+            if known_weight != 1.0:
+                # Copying the known pixels is a small part of a uniform loss (a first frame is
+                # 1/16 of a clip); weighting them up makes it count.
+                weights = 1.0 + (known_weight - 1.0) * masks
+                return diffusion_loss(model, batch["pixels"], cond, loss_rng, diffusion,
+                                      mask=weights)
         if isinstance(model.net, SSR):
             return ssr_loss(model, batch["pixels"], cond, loss_rng, diffusion,
                             scale=model.net.cfg.scale, aug_range=aug_range,
