@@ -87,8 +87,8 @@ def inflate(model: Denoiser, source: Mapping[str, Any], *,
                 if len(items) > 20:
                     lines.append(f"  ... and {len(items) - 20} more")
         if missing:
-            lines.append(f"parameters meant to start afresh must match init_new_params "
-                         f"(now {new_params!r})")
+            lines.append(f"(the parameters the source may lack, which keep their "
+                         f"initialisation, are those matching {new_params!r})")
         raise InflationError("\n".join(lines))
 
     def nest(flat: Mapping[str, Any]) -> dict:
