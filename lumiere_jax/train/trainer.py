@@ -153,6 +153,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
         tokens = drop_condition({"ids": batch["ids"], "mask": batch["mask"]}, null_tokens,
                                 drop_rng, train.cond_drop)
         cond = model.encode_text(tokens["ids"], tokens["mask"])
+        weights = None  # per-pixel loss weights; None: uniform
         if isinstance(model.net, STUNet) and model.net.cfg.cond_channels:
             # The conditional variant: each clip with a random mask of its known pixels.
             mask_rng, loss_rng = jax.random.split(loss_rng)
@@ -162,14 +163,12 @@ def make_loss_fn(graphdef: nnx.GraphDef, diffusion: Diffusion, train: ConfigDict
                 # Copying the known pixels is a small part of a uniform loss (a first frame is
                 # 1/16 of a clip); weighting them up makes it count.
                 weights = 1.0 + (known_weight - 1.0) * masks
-                return diffusion_loss(model, batch["pixels"], cond, loss_rng, diffusion,
-                                      mask=weights)
         if isinstance(model.net, SSR):
             return ssr_loss(model, batch["pixels"], cond, loss_rng, diffusion,
                             scale=model.net.cfg.scale, aug_range=aug_range,
                             residual=model.net.cfg.residual,
                             residual_base=model.net.cfg.residual_base)
-        return diffusion_loss(model, batch["pixels"], cond, loss_rng, diffusion)
+        return diffusion_loss(model, batch["pixels"], cond, loss_rng, diffusion, mask=weights)
 
     return loss_fn
 
