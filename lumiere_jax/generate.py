@@ -201,8 +201,11 @@ class Generator:
         self.window = window
 
     def with_params(self, *states: nnx.State) -> "Generator":
-        """Use these parameter states (e.g. the EMA and the frozen weights) from now on."""
-        nnx.update(model := nnx.merge(self.graphdef, self.state), *states)
+        """Use these parameter states (e.g. the EMA and the frozen weights) from now on.
+
+        The states held before (`self.state`, and the model the generator was made from,
+        whose variables it shares) are left as they were: the update goes into a copy."""
+        nnx.update(model := nnx.merge(self.graphdef, self.state, copy=True), *states)
         self.state = nnx.state(model)
         if self.devices is not None:
             self.state = self._replicate(self.state)

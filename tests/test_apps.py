@@ -241,11 +241,18 @@ def test_motion_word_gaps_measure_whether_the_model_reads_the_motion_word(text_g
     assert gaps["-2"]["gap"] == pytest.approx((errors[1] - errors[0]).mean(), rel=1e-3, abs=1e-7)
     assert gaps["-2"]["wins"] == np.mean(errors[0] < errors[1])
 
+    seeing = text_generator.state
+    kept = [np.asarray(leaf).copy() for leaf in jax.tree.leaves(seeing)]
     blind = text_generator.with_params(jax.tree_util.tree_map_with_path(
-        lambda path, p: p * 0 if "text_encoder" in jax.tree_util.keystr(path) else p,
-        text_generator.state))
-    for g in motion_word_gaps(blind, config, 4).values():
-        assert g["gap"] == 0.0 and g["wins"] == 0.0 and g["true"] > 0
+        lambda path, p: p * 0 if "text_encoder" in jax.tree_util.keystr(path) else p, seeing))
+    try:
+        for g in motion_word_gaps(blind, config, 4).values():
+            assert g["gap"] == 0.0 and g["wins"] == 0.0 and g["true"] > 0
+        # with_params updated a copy: the state held before is as it was.
+        for before, after in zip(kept, jax.tree.leaves(seeing)):
+            np.testing.assert_array_equal(before, after)
+    finally:
+        text_generator.with_params(seeing)  # the fixture is shared by the later tests
 
 
 def test_opposite_motion():
