@@ -7,7 +7,7 @@
   lumiere eval   --workdir runs/t2i [--fvd_weights i3d_kinetics400.npz]
   lumiere app i2v|inpaint|outpaint|cinemagraph|sdedit --workdir runs/stunet --prompts TEXT
                  [--image F] [--video F] [--box x0,y0,x1,y1 | --mask F] [--strength 0.5]
-                 [--negative_prompt TEXT] [--invert [--source_prompt TEXT]]
+                 [--negative_prompt TEXT] [--invert] [--source_prompt TEXT [--auto_region]]
   lumiere app style --workdir runs/stunet --style STYLE_EXPORT --alpha 0,0.5,1 --prompts TEXT
   lumiere export --workdir runs/t2i --out checkpoints/shapes_t2i
   lumiere demo   --workdir demo_out
@@ -52,10 +52,10 @@ _FVD_WEIGHTS = flags.DEFINE_string(
     "see lumiere_jax/eval/fvd.py) to add FVD against the world's clips (default: no FVD).")
 _IMAGE = flags.DEFINE_string("image", None, "app i2v/cinemagraph: the input image file.")
 _VIDEO = flags.DEFINE_string("video", None, "app inpaint/outpaint/sdedit: the input video file.")
-_BOX = flags.DEFINE_string("box", None, "app inpaint/cinemagraph: the region x0,y0,x1,y1 "
-                           "(pixels, or fractions of the frame).")
-_MASK = flags.DEFINE_string("mask", None, "app inpaint/cinemagraph: the region as a mask image "
-                            "(white = region).")
+_BOX = flags.DEFINE_string("box", None, "app inpaint/cinemagraph/sdedit: the region "
+                           "x0,y0,x1,y1 (pixels, or fractions of the frame).")
+_MASK = flags.DEFINE_string("mask", None, "app inpaint/cinemagraph/sdedit: the region as a mask "
+                            "image (white = region).")
 _NEGATIVE = flags.DEFINE_string(
     "negative_prompt", "", "sample/app: a caption for guidance to steer away from, in place of "
     "the empty one (e.g. for sdedit the input video's own caption).")
@@ -64,8 +64,12 @@ _INVERT = flags.DEFINE_bool(
     "invert", False, "app sdedit: start from the input's DDIM inversion (under --source_prompt) "
     "instead of the input noised with the seed's noise; deterministic, keeps more motion.")
 _SOURCE_PROMPT = flags.DEFINE_string(
-    "source_prompt", "", "app sdedit --invert: the input video's caption, read by the "
-    "inversion (default: the empty caption).")
+    "source_prompt", "", "app sdedit --invert/--auto_region: the input video's caption, read by "
+    "the inversion (default: the empty caption) and by the automatic region.")
+_AUTO_REGION = flags.DEFINE_bool(
+    "auto_region", False, "app sdedit: edit only where the model's estimates under the prompt "
+    "and under --source_prompt differ (DiffEdit's mask, editing.edit_region); the rest of the "
+    "input is kept exactly.")
 _CONDITIONING = flags.DEFINE_enum(
     "conditioning", "replace", ["replace", "model", "both"],
     "app i2v/inpaint/outpaint/cinemagraph: replace the known pixels at every step (any model), "
@@ -221,12 +225,22 @@ def cmd_app(name: str):
         videos = editing.cinemagraph(generator, image, region(), prompt, seeds, guidance, how,
                                       negative)
     else:
-        if _SOURCE_PROMPT.value and not _INVERT.value:
-            raise app.UsageError("--source_prompt is the caption the inversion reads: add "
-                                 "--invert, or leave it out")
-        videos = editing.sdedit(generator, video(), prompt, _STRENGTH.value, seeds, guidance,
+        source = _SOURCE_PROMPT.value
+        if source and not (_INVERT.value or _AUTO_REGION.value):
+            raise app.UsageError("--source_prompt is the input's caption, read by the inversion "
+                                 "or the automatic region: add --invert or --auto_region, or "
+                                 "leave it out")
+        if _AUTO_REGION.value and (not source or _BOX.value or _MASK.value):
+            raise app.UsageError("--auto_region finds the region from the prompt and the "
+                                 "input's caption: give --source_prompt, and no --box or --mask")
+        clip, edit = video(), None
+        if _AUTO_REGION.value:
+            edit = editing.edit_region(generator, clip, prompt, source, seed=seeds[0])
+        elif _BOX.value or _MASK.value:
+            edit = region()
+        videos = editing.sdedit(generator, clip, prompt, _STRENGTH.value, seeds, guidance,
                                  negative, invert=_INVERT.value,
-                                 source_prompt=_SOURCE_PROMPT.value)
+                                 source_prompt=source if _INVERT.value else "", region=edit)
     out = epath.Path(_OUT.value or f"{workdir}/apps/{name}")
     out.mkdir(parents=True, exist_ok=True)
     for seed, result in zip(seeds, videos):

@@ -90,7 +90,6 @@ class Generator:
         self.max_length = max_length
         self.sample_shape = tuple(sample_shape)
         self.batch_size = batch_size
-        self.frame_correlation = diffusion.frame_correlation  # of each seed's starting noise
         self.scale = model.net.cfg.scale if isinstance(model.net, SSR) else None
         residual = self.scale is not None and model.net.cfg.residual
         residual_base = model.net.cfg.residual_base if residual else None
@@ -185,6 +184,19 @@ class Generator:
                        clip_output=base is None)
             return x if base is None else jnp.clip(base + x, -1.0, 1.0)
 
+        def estimate(state, ids, mask, x0, eps, logsnr):
+            model: Denoiser = nnx.merge(self.graphdef, state)
+            cond = model.encode_text(ids, mask)
+            logsnr = jnp.full((x0.shape[0],), logsnr, jnp.float32)
+            alpha, sigma = schedules.alpha_sigma(schedules.per_example(logsnr, x0))
+            z = alpha * x0 + sigma * eps
+            pred = denoiser(model, cond, cond, None, None, None, False)(z, logsnr)
+            return schedules.x0_eps_from_prediction(diffusion.prediction,
+                                                    pred.astype(jnp.float32), z, logsnr)[0]
+
+        out_replicated = {} if mesh is None else {"out_shardings": replicated(mesh)}
+        self.diffusion = diffusion
+        self._estimate = jax.jit(estimate, **out_replicated)
         self.mesh = mesh
         self.devices = None if devices is None else sampling_devices(devices)
         if mesh is not None and self.devices is not None:
@@ -194,9 +206,8 @@ class Generator:
         self._placements: dict[int, tuple[Mesh, nnx.State]] = {}
         if self.devices is not None:
             self.state = self._replicate(self.state)
-        out = {} if mesh is None else {"out_shardings": replicated(mesh)}
         self._run = jax.jit(run, static_argnames=("start_t", "use_guidance", "conditioning",
-                                                  "batch_mesh"), **out)
+                                                  "batch_mesh"), **out_replicated)
         self.conditional = isinstance(model.net, STUNet) and model.net.cfg.cond_channels > 0
         self.window = window
 
@@ -314,15 +325,8 @@ class Generator:
         null = self.tokenizer.encode_batch(negatives, self.max_length)
         out = []
         bar = tqdm(total=len(prompts), desc=progress, unit="sample", disable=progress is None)
-        for i in range(0, len(prompts), self.batch_size):
-            n = min(self.batch_size, len(prompts) - i)
-            idx, used = np.arange(i, i + n), None
-            if self.devices is not None:  # padded with the last example to split evenly
-                used, padded = data_parallel_split(n, len(self.devices))
-                idx = np.concatenate([idx, np.full(padded - n, i + n - 1)])
-            z = jnp.stack([jax.random.normal(jax.random.key(int(seeds[j])), self.sample_shape)
-                           for j in idx])
-            z = schedules.correlate_frames(z, self.frame_correlation)
+        for i, n, idx, used in self._batches(len(prompts)):
+            z = self._seed_noise(seeds, idx)
             rng = jax.random.key_data(jax.random.key(int(seeds[i]) + 7919 * i))
             batch = (tokens.ids[idx], tokens.mask[idx], null.ids[idx], null.mask[idx], z,
                      scales[idx], None if low_res is None else low_res[idx],
@@ -338,6 +342,47 @@ class Generator:
             out.append(to_uint8(local_value(x)[:n]))
             bar.update(len(out[-1]))
         bar.close()
+        return np.concatenate(out)
+
+    def _batches(self, total: int):
+        """(start, size, example indices, devices used) of each batch of `total` examples; with
+        data-parallel sampling the indices are padded with the batch's last example so that
+        they split evenly over the devices used (None: no data-parallel split)."""
+        for i in range(0, total, self.batch_size):
+            n = min(self.batch_size, total - i)
+            idx, used = np.arange(i, i + n), None
+            if self.devices is not None:
+                used, padded = data_parallel_split(n, len(self.devices))
+                idx = np.concatenate([idx, np.full(padded - n, i + n - 1)])
+            yield i, n, idx, used
+
+    def _seed_noise(self, seeds: Sequence[int], idx: np.ndarray) -> jax.Array:
+        """The starting noise of the examples idx, each from its own seed."""
+        z = jnp.stack([jax.random.normal(jax.random.key(int(seeds[j])), self.sample_shape)
+                       for j in idx])
+        return schedules.correlate_frames(z, self.diffusion.frame_correlation)
+
+    def clean_estimates(self, prompts: Sequence[str], x: np.ndarray, t: float,
+                        seeds: Sequence[int]) -> np.ndarray:
+        """The model's one-step clean estimates [n, *sample_shape] (float32, [-1, 1] range) of
+        x (uint8 or [-1, 1] floats, [n, *sample_shape]) noised to diffusion time t in (0, 1]
+        with each seed's noise (the noise SDEdit uses for that seed), conditional on each
+        prompt and unguided. Two calls with the same seeds see the same noisy input, so their
+        difference is what the prompts change (editing.edit_region)."""
+        prompts = list(prompts)
+        if not 0.0 < t <= 1.0 or len(seeds) != len(prompts):
+            raise ValueError(f"clean_estimates: t must be in (0, 1] and there must be one seed "
+                             f"per prompt; got t={t}, {len(prompts)} prompts, {len(seeds)} "
+                             "seeds")
+        x = self._check_edit(len(prompts), None, None, x, t)["init"]
+        tokens = self.tokenizer.encode_batch(prompts, self.max_length)
+        logsnr = float(self.diffusion.logsnr(t))
+        out = []
+        for _, n, idx, used in self._batches(len(prompts)):
+            batch = (tokens.ids[idx], tokens.mask[idx], x[idx], self._seed_noise(seeds, idx))
+            (ids, mask, x0, eps), _, state, _ = self._place(batch, (), used)
+            out.append(np.asarray(local_value(self._estimate(state, ids, mask, x0, eps,
+                                                             logsnr)))[:n])
         return np.concatenate(out)
 
     def _source_tokens(self, n: int, init, source_prompts) -> dict[str, np.ndarray]:

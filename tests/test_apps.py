@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import ndimage
 
 from lumiere_jax.apps import editing
 from lumiere_jax.config import load_config
@@ -194,13 +195,22 @@ def test_cli_app_writes_videos_and_reports_bad_input(model_dir, tmp_path):
         "--invert", "--source_prompt", PROMPT, "--out", str(tmp_path / "edit"))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "edit").glob("*.mp4"))) == 1
+    result = lumiere("sdedit", "--video", str(tmp_path / "out" / (
+        "a_small_red_circle_moving_left_on_a_black_backgr_seed0.mp4")), "--auto_region",
+        "--source_prompt", "a small blue circle moving left on a black background",
+        "--out", str(tmp_path / "region"))
+    # This model's zero-initialised text layers make every caption give the same estimate.
+    assert result.returncode != 0 and "so there is nothing to edit" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"), "--auto_region")
+    assert result.returncode != 0 and "give --source_prompt, and no --box" in result.stderr
     result = lumiere("cinemagraph", "--image", str(image))
     assert result.returncode != 0 and "needs the region: --box or --mask" in result.stderr
     result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"))
     assert result.returncode != 0 and "no video file" in result.stderr
     result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"), "--source_prompt",
                      PROMPT)
-    assert result.returncode != 0 and "add --invert, or leave it out" in result.stderr
+    assert result.returncode != 0 and "add --invert or --auto_region" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -262,3 +272,63 @@ def test_opposite_motion():
                                                                        "down-left"]
     with pytest.raises(ValueError, match="'still' has no opposite"):
         opposite_motion("still")
+
+
+def test_clean_estimates_are_the_one_step_edit(text_generator):
+    """Generator.clean_estimates sees the input SDEdit sees for a seed: a one-step unguided
+    SDEdit from the same seed is its estimate, thresholded and rounded to pixels."""
+    from lumiere_jax.diffusion.samplers import thresholding_transform
+    from lumiere_jax.generate import Generator, to_uint8
+    g = text_generator
+    video = _video()
+    one_step = Generator(nnx.merge(g.graphdef, g.state), g.diffusion, g.tokenizer,
+                         g.max_length, g.sample_shape, steps=1)
+    edit = one_step([PROMPT], [4], 1.0, init=video[None], strength=0.5)
+    x0 = g.clean_estimates([PROMPT], video[None], 0.5, [4])
+    threshold = thresholding_transform(g.diffusion) or (lambda x: x)
+    expected = to_uint8(threshold(x0))
+    assert np.abs(edit.astype(int) - expected).max() <= 1  # float rounding at a .5 boundary
+    assert (edit != expected).mean() < 0.001
+    assert not np.array_equal(x0, g.clean_estimates([PROMPT], video[None], 0.5, [5]))
+    with pytest.raises(ValueError, match=r"t must be in \(0, 1\]"):
+        g.clean_estimates([PROMPT], video[None], 0.0, [4])
+
+
+def test_edit_region_is_where_the_two_captions_change_the_estimate(text_generator):
+    """DiffEdit's mask: the clean estimates' difference under the two captions, averaged over
+    the draws and colours, thresholded at a fraction of its largest value."""
+    g, video = text_generator, _video()
+    other = "a small blue circle moving left on a black background"
+    region = editing.edit_region(g, video, other, PROMPT, seed=3, draws=2, threshold=0.3)
+    a, b = (g.clean_estimates([p] * 2, np.stack([video] * 2), 0.5, [3, 4])
+            for p in (other, PROMPT))
+    difference = np.abs(a - b).mean(axis=(0, -1))
+    above = difference / difference.max() >= 0.3
+    # The region is the pixels above the threshold plus the holes they enclose: what it adds
+    # cannot reach the frame's edge without crossing it.
+    assert np.all(region[..., 0] >= above)
+    for frame in range(T):
+        pieces, _ = ndimage.label(~above[frame])
+        edge = np.unique(np.concatenate([pieces[0], pieces[-1], pieces[:, 0], pieces[:, -1]]))
+        added = (region[frame, ..., 0] > 0) & ~above[frame]
+        np.testing.assert_array_equal(added, ~above[frame] & ~np.isin(pieces, edge))
+    assert region.shape == (T, H, W, 1) and 0 < region.mean() < 1
+    looser = editing.edit_region(g, video, other, PROMPT, seed=3, draws=2, threshold=0.1)
+    assert np.all(looser >= region) and looser.sum() > region.sum()
+    with pytest.raises(ValueError, match="nothing to edit"):
+        editing.edit_region(g, video, PROMPT, PROMPT, draws=2)
+    with pytest.raises(ValueError, match=r"threshold in \(0, 1\)"):
+        editing.edit_region(g, video, other, PROMPT, threshold=1.0)
+
+
+def test_sdedit_in_a_region_keeps_the_rest_of_the_input(generator):
+    video = _video()
+    region = np.zeros((T, H, W, 1), np.float32)
+    region[:, 4:12, 2:10] = 1.0
+    region[T // 2:, 4:12, 2:10] = 0.0  # a per-frame region: the later frames kept whole
+    out = editing.sdedit(generator, video, PROMPT, 0.6, [0], region=region)[0]
+    outside = np.broadcast_to(region == 0, video.shape)
+    np.testing.assert_array_equal(out[outside], video[outside])
+    assert np.abs(out[~outside].astype(int) - video[~outside]).mean() > 5
+    with pytest.raises(ValueError, match=r"per-frame region is a mask \[8, 16, 16, 1\]"):
+        editing.sdedit(generator, video, PROMPT, 0.6, [0], region=region[:4])

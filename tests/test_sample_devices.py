@@ -150,6 +150,18 @@ def test_sdedit_from_the_inversion_is_the_same_split_over_devices(video):
     assert not np.array_equal(plain, one)
 
 
+def test_clean_estimates_are_the_same_split_over_devices(video):
+    """The one-step estimates editing.edit_region compares: 9 examples over 5 devices (padded
+    to 10) equal one device's, each from its own seed's noise."""
+    init = np.random.default_rng(2).integers(0, 256, (9, FRAMES, SIZE, SIZE, 3), np.uint8)
+    one = video["one"].clean_estimates(PROMPTS, init, 0.5, SEEDS)
+    split = video["eight"].clean_estimates(PROMPTS, init, 0.5, SEEDS)
+    assert split.shape == (9, FRAMES, SIZE, SIZE, 3)
+    np.testing.assert_allclose(split, one, rtol=0, atol=1e-5)
+    other_seeds = video["one"].clean_estimates(PROMPTS, init, 0.5, SEEDS[1:] + SEEDS[:1])
+    assert not np.allclose(other_seeds, one)
+
+
 def test_ddpm_and_chunks_are_exact_when_padded():
     """DDPM draws each step's noise for the whole batch from one key: padding appends examples
     and leaves the earlier ones' noise as it is, so 3 examples padded to 4 over 2 devices

@@ -13,7 +13,10 @@ The first four replace the known pixels, noised to each step's level, at every s
 With a conditional STUNet (the paper's variant: fine-tuned with random masks, it takes the
 masked video and the mask as input; configs/shapes_stunet.py:masked) they can instead let the
 model see the known pixels (`conditioning="model"`), or do both (`"both"`).
-SDEdit starts the sampler part-way (diffusion time = strength) from the noised input.
+SDEdit starts the sampler part-way (diffusion time = strength) from the noised input; given a
+region (e.g. DiffEdit's automatic one, `edit_region`: where the model's estimates under the
+new and the old caption differ), it replaces the pixels outside it like the others, so an
+edit can push the colour hard while the object stays on its track.
 
 Inputs are uint8 pixels; image and video files are read and fitted to the model's frame size
 (cover and centre-crop, with a warning when that changes the size); they may be gs:// paths.
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
 
 from lumiere_jax.data import video_io
 from lumiere_jax.data.importer import resize_and_crop
@@ -114,6 +118,18 @@ def _check_region(region: np.ndarray, height: int, width: int) -> np.ndarray:
     return region
 
 
+def _frame_regions(region: np.ndarray, t: int, h: int, w: int) -> np.ndarray:
+    """A region for every frame ([h, w(, 1)]) or one per frame ([t, h, w, 1]) as float
+    [t, h, w, 1]."""
+    if np.ndim(region) <= 3:
+        return np.broadcast_to(_check_region(region, h, w), (t, h, w, 1))
+    region = np.asarray(region, np.float32)
+    if region.shape != (t, h, w, 1) or region.min() < 0 or region.max() > 1:
+        raise ValueError(f"a per-frame region is a mask [{t}, {h}, {w}, 1] with values in "
+                         f"[0, 1], got shape {region.shape}")
+    return region
+
+
 def _sample_known(generator: Generator, prompt: str, seeds: Sequence[int], guidance: float,
                   known: np.ndarray, keep: np.ndarray, conditioning: str,
                   negative_prompt: str) -> np.ndarray:
@@ -147,9 +163,7 @@ def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt:
     if np.shape(video) != (t, h, w, 3):
         raise ValueError(f"inpaint: the video must have the model's shape {(t, h, w, 3)}, got "
                          f"{np.shape(video)} (read files with read_clip)")
-    region = (_check_region(region, h, w) if np.ndim(region) <= 3
-              else np.asarray(region, np.float32))
-    keep = np.broadcast_to(1.0 - region, (t, h, w, 1))
+    keep = 1.0 - _frame_regions(region, t, h, w)
     return _sample_known(generator, prompt, seeds, guidance, np.asarray(video), keep,
                          conditioning, negative_prompt)
 
@@ -185,10 +199,47 @@ def cinemagraph(generator: Generator, image: np.ndarray, region: np.ndarray, pro
                          keep, conditioning, negative_prompt)
 
 
+def edit_region(generator: Generator, video: np.ndarray, prompt: str, source_prompt: str,
+                strength: float = 0.5, seed: int = 0, draws: int = 10,
+                threshold: float = 0.1) -> np.ndarray:
+    """Where an edit of `video` (uint8 [t, h, w, 3]) from `source_prompt` (its caption) to
+    `prompt` should happen: DiffEdit's automatic mask (Couairon et al., 2023), float
+    [t, h, w, 1], 1 = edit.
+
+    The video is noised to `strength` (DiffEdit's 0.5, whatever the edit's own strength) with
+    `draws` noises (seeds seed .. seed + draws - 1), and the model's clean estimates under the
+    two prompts are compared: the absolute difference, averaged over the colour channels and
+    the draws, is scaled so that its largest value is 1, thresholded at `threshold`, and each
+    frame's enclosed holes filled. What the two captions agree on (the background, the rest
+    of the clip) gives the same estimate under both and stays outside the region. DiffEdit
+    thresholds at 0.5; on the shapes world that leaves out a third of the object, and 0.1
+    covers all of it (README "Applications")."""
+    t, h, w = _video_shape(generator)
+    if np.shape(video) != (t, h, w, 3):
+        raise ValueError(f"edit_region: the video must have the model's shape {(t, h, w, 3)}, "
+                         f"got {np.shape(video)} (read files with read_clip)")
+    if draws < 1 or not 0.0 < threshold < 1.0:
+        raise ValueError(f"edit_region: draws must be >= 1 and threshold in (0, 1); got "
+                         f"draws={draws}, threshold={threshold}")
+    seeds = [seed + k for k in range(draws)]
+    videos = np.broadcast_to(np.asarray(video), (draws, t, h, w, 3))
+    edited, source = (generator.clean_estimates([p] * draws, videos, strength, seeds)
+                      for p in (prompt, source_prompt))
+    difference = np.abs(edited - source).mean(axis=(0, -1))[..., None]
+    if not difference.max() > 0:
+        raise ValueError(f"edit_region: the model's estimates under {prompt!r} and "
+                         f"{source_prompt!r} are identical, so there is nothing to edit")
+    region = difference[..., 0] / difference.max() >= threshold
+    # An enclosed hole (where the two estimates happen to agree inside the object) would keep
+    # the old pixels there: each frame's region is filled.
+    return np.stack([ndimage.binary_fill_holes(frame) for frame in region])[..., None].astype(
+        np.float32)
+
+
 def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float,
            seeds: Sequence[int], guidance: float = 3.0,
            negative_prompt: str = "", invert: bool = False,
-           source_prompt: str = "") -> np.ndarray:
+           source_prompt: str = "", region: np.ndarray | None = None) -> np.ndarray:
     """`video` (uint8 [t, h, w, 3]) edited towards `prompt`: noised to diffusion time
     `strength` (0: unchanged, 1: a new video from the seed) and denoised with the prompt.
 
@@ -199,13 +250,19 @@ def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float
     empty one; a source_prompt without invert is an error) instead of the video noised with
     each seed's noise: deterministic (the seeds give identical edits) and it keeps more of the
     input's motion at a given colour change (README "Applications"); strength 1 is then no
-    longer plain text-to-video."""
+    longer plain text-to-video.
+    region: where the edit may change the video ([h, w(, 1)] for every frame or [t, h, w, 1],
+    1 = edit; e.g. edit_region's automatic mask); elsewhere the output equals the input
+    exactly (its pixels replaced at every step, as for inpaint). None: the whole clip."""
     t, h, w = _video_shape(generator)
     if np.shape(video) != (t, h, w, 3):
         raise ValueError(f"sdedit: the video must have the model's shape {(t, h, w, 3)}, got "
                          f"{np.shape(video)} (read files with read_clip)")
     n = len(seeds)
-    return generator([prompt] * n, list(seeds), guidance, strength=strength,
-                     init=np.broadcast_to(np.asarray(video), (n, t, h, w, 3)),
+    video = np.broadcast_to(np.asarray(video), (n, t, h, w, 3))
+    known = {} if region is None else {
+        "known": video, "known_mask": np.broadcast_to(1.0 - _frame_regions(region, t, h, w),
+                                                      (n, t, h, w, 1))}
+    return generator([prompt] * n, list(seeds), guidance, strength=strength, init=video,
                      negative_prompts=[negative_prompt] * n, invert=invert,
-                     source_prompts=[source_prompt] * n if source_prompt else None)
+                     source_prompts=[source_prompt] * n if source_prompt else None, **known)
