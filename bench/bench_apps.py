@@ -1,6 +1,6 @@
 """Image-to-video both ways, and SDEdit, measured: `python -m bench.bench_apps [--video
 checkpoints/shapes_stunet] [--masked checkpoints/shapes_stunet_masked] [--num 24]
-[--only i2v|sdedit|sdedit_inverted]`.
+[--only i2v|sdedit|sdedit_inverted|sdedit_region]`.
 
 Image-to-video: the first frame of each of the first --num ground-truth clips of the world's
 'test' split is the given image; the clip's caption is the prompt; seeds 1000 + i. Three ways,
@@ -12,10 +12,11 @@ shape / motion accuracy and stability.
 SDEdit: each clip is edited with a prompt that changes only its colour (to the next colour of
 the world), at the strengths and guidance scales of SDEDIT_SETTINGS, with the empty caption in
 guidance's second branch or the clip's own caption as the negative prompt, starting from the
-clip noised with the seed's noise or from its DDIM inversion under its own caption. Reported: colour accuracy
-against the new prompt (and against the old one), motion accuracy, and how far the object's
-track moved: the mean distance between the input's and the output's centroids per frame, as a
-fraction of the frame's short side.
+clip noised with the seed's noise or from its DDIM inversion under its own caption, over the
+whole clip or only in its automatic region (editing.edit_region, DiffEdit's mask, the rest
+kept). Reported: colour accuracy against the new prompt (and against the old one), motion
+accuracy, and how far the object's track moved: the mean distance between the input's and the
+output's centroids per frame, as a fraction of the frame's short side.
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ from lumiere_jax.sampling import load_generator
 
 KEYS = ("colour_acc", "shape_acc", "motion_acc", "stability")
 # SDEdit (strength, guidance, the input's caption as the negative prompt, from the input's
-# DDIM inversion under its caption) settings measured.
-SDEDIT_SETTINGS = ((0.5, 3.0, False, False), (0.5, 3.0, True, False), (0.5, 6.0, True, False),
-                   (0.5, 10.0, True, False), (0.6, 3.0, False, False), (0.6, 3.0, True, False),
-                   (0.6, 6.0, True, False), (0.7, 3.0, False, False), (0.7, 3.0, True, False),
-                   (0.9, 3.0, False, False), (0.9, 3.0, True, False),
-                   (0.5, 1.0, False, True), (0.5, 2.0, True, True), (0.5, 3.0, True, True),
-                   (0.7, 3.0, True, True), (0.9, 3.0, True, True))
+# DDIM inversion under its caption, only in the automatic region) settings measured.
+SDEDIT_SETTINGS = (
+    (0.5, 3.0, False, False, False), (0.5, 3.0, True, False, False),
+    (0.5, 6.0, True, False, False), (0.5, 10.0, True, False, False),
+    (0.6, 3.0, False, False, False), (0.6, 3.0, True, False, False),
+    (0.6, 6.0, True, False, False), (0.7, 3.0, False, False, False),
+    (0.7, 3.0, True, False, False), (0.9, 3.0, False, False, False),
+    (0.9, 3.0, True, False, False),
+    (0.5, 1.0, False, True, False), (0.5, 2.0, True, True, False), (0.5, 3.0, True, True, False),
+    (0.7, 3.0, True, True, False), (0.9, 3.0, True, True, False),
+    (0.5, 3.0, True, False, True), (0.5, 10.0, True, False, True),
+    (0.5, 25.0, True, False, True), (0.7, 3.0, True, False, True), (1.0, 3.0, True, False, True))
 
 
 def _generator(directory: str):
@@ -75,17 +81,26 @@ def _recoloured(prompt: str) -> tuple[str, str]:
     raise ValueError(f"no colour in {prompt!r}")
 
 
+def edit_regions(generator, clips: np.ndarray, prompts: list[str], seeds: list[int]
+                 ) -> np.ndarray:
+    """Each clip's automatic region (editing.edit_region) for its recolouring edit."""
+    return np.stack([editing.edit_region(generator, clip, _recoloured(old)[0], old, seed=seed)
+                     for clip, old, seed in zip(clips, prompts, seeds)])
+
+
 def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
            strength: float = 0.5, negative: bool = False, guidance: float = 3.0,
-           invert: bool = False) -> dict[str, float]:
+           invert: bool = False, regions: np.ndarray | None = None) -> dict[str, float]:
     """negative: the clip's own caption is the negative prompt (else the empty caption);
-    invert: start from the clip's DDIM inversion under its own caption."""
+    invert: start from the clip's DDIM inversion under its own caption; regions: edit only
+    there (one per clip, e.g. edit_regions)."""
     new_prompts = [_recoloured(p)[0] for p in prompts]
     videos = np.stack([
         editing.sdedit(generator, clip, new, strength, [seed], guidance,
                        negative_prompt=old if negative else "", invert=invert,
-                       source_prompt=old if invert else "")[0]
-        for clip, new, old, seed in zip(clips, new_prompts, prompts, seeds)])
+                       source_prompt=old if invert else "",
+                       region=None if regions is None else regions[i])[0]
+        for i, (clip, new, old, seed) in enumerate(zip(clips, new_prompts, prompts, seeds))])
     new = score_batch(videos, new_prompts)
     old = score_batch(videos, prompts)
     moved = []
@@ -95,6 +110,7 @@ def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
             warnings.simplefilter("ignore", RuntimeWarning)
             moved.append(float(np.nanmean(np.linalg.norm(a - b, axis=-1))))
     return {"strength": strength, "guidance": guidance, "inverted": invert,
+            "region": "all" if regions is None else "automatic",
             "negative_prompt": "input's caption" if negative else "",
             "colour_acc_new_prompt": new["colour_acc"],
             "colour_acc_old_prompt": old["colour_acc"], "motion_acc": new["motion_acc"],
@@ -107,8 +123,9 @@ def main() -> None:
     parser.add_argument("--masked", default="checkpoints/shapes_stunet_masked",
                         help="the conditional STUNet ('' to skip)")
     parser.add_argument("--num", type=int, default=24)
-    parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted"),
-                        help="one of the two tables (sdedit_inverted: its inverted rows)")
+    parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted", "sdedit_region"),
+                        help="one of the two tables (sdedit_inverted / sdedit_region: its "
+                             "rows from the inversion / in the automatic region)")
     args = parser.parse_args()
     plain = _generator(args.video)
     masked = _generator(args.masked) if args.masked and args.only in (None, "i2v") else None
@@ -119,22 +136,28 @@ def main() -> None:
     seeds = [1000 + i for i in range(args.num)]
     i2v = {} if args.only not in (None, "i2v") else image_to_video(plain, masked, clips,
                                                                     prompts, seeds)
-    settings = [row for row in SDEDIT_SETTINGS if args.only != "sdedit_inverted" or row[3]]
+    settings = [row for row in SDEDIT_SETTINGS
+                if args.only not in ("sdedit_inverted", "sdedit_region")
+                or row[3 if args.only == "sdedit_inverted" else 4]]
+    regions = (edit_regions(plain, clips, prompts, seeds)
+               if any(row[4] for row in settings) and args.only != "i2v" else None)
     report = {"i2v": i2v, "sdedit": [] if args.only == "i2v" else [
-        sdedit(plain, clips, prompts, seeds, s, negative, g, invert)
-        for s, g, negative, invert in settings]}
+        sdedit(plain, clips, prompts, seeds, s, negative, g, invert,
+               regions if in_region else None)
+        for s, g, negative, invert, in_region in settings]}
     print("| image-to-video | frame-0 PSNR (dB) | colour | shape | motion | stability |")
     print("|---|---|---|---|---|---|")
     for name, row in report["i2v"].items():
         print(f"| {name} | {row['frame0_psnr']:.1f} | {row['colour_acc']:.0%} | "
               f"{row['shape_acc']:.0%} | {row['motion_acc']:.0%} | {row['stability']:.3f} |")
-    print("\n| SDEdit strength | from | guidance | negative prompt | colour = new prompt | "
-          "colour = old | motion | track shift |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| SDEdit strength | from | region | guidance | negative prompt | "
+          "colour = new prompt | colour = old | motion | track shift |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in report["sdedit"]:
         negative = row["negative_prompt"] or "(empty)"
         start = "inversion" if row["inverted"] else "noise"
-        print(f"| {row['strength']} | {start} | {row['guidance']:g} | {negative} | "
+        print(f"| {row['strength']} | {start} | {row['region']} | {row['guidance']:g} | "
+              f"{negative} | "
               f"{row['colour_acc_new_prompt']:.0%} | "
               f"{row['colour_acc_old_prompt']:.0%} | {row['motion_acc']:.0%} | "
               f"{row['track_shift']:.3f} |")
