@@ -185,14 +185,15 @@ class Generator:
             return x if base is None else jnp.clip(base + x, -1.0, 1.0)
 
         def estimate(state, ids, mask, x0, eps, logsnr):
+            """The unguided one-step clean estimate from x0 noised to one level (a scalar)."""
             model: Denoiser = nnx.merge(self.graphdef, state)
-            cond = model.encode_text(ids, mask)
-            logsnr = jnp.full((x0.shape[0],), logsnr, jnp.float32)
-            alpha, sigma = schedules.alpha_sigma(schedules.per_example(logsnr, x0))
+            alpha, sigma = schedules.alpha_sigma(logsnr)
             z = alpha * x0 + sigma * eps
-            pred = denoiser(model, cond, cond, None, None, None, False)(z, logsnr)
+            logsnr = jnp.full((x0.shape[0],), logsnr, jnp.float32)
+            fn = denoiser(model, model.encode_text(ids, mask), None, None, None, None, False)
             return schedules.x0_eps_from_prediction(diffusion.prediction,
-                                                    pred.astype(jnp.float32), z, logsnr)[0]
+                                                    fn(z, logsnr).astype(jnp.float32), z,
+                                                    logsnr)[0]
 
         out_replicated = {} if mesh is None else {"out_shardings": replicated(mesh)}
         self.diffusion = diffusion
