@@ -225,11 +225,11 @@ def edit_region(generator: Generator, video: np.ndarray, prompt: str, source_pro
     videos = np.broadcast_to(np.asarray(video), (draws, t, h, w, 3))
     edited, source = (generator.clean_estimates([p] * draws, videos, strength, seeds)
                       for p in (prompt, source_prompt))
-    difference = np.abs(edited - source).mean(axis=(0, -1))[..., None]
+    difference = np.abs(edited - source).mean(axis=(0, -1))  # [t, h, w]
     if not difference.max() > 0:
         raise ValueError(f"edit_region: the model's estimates under {prompt!r} and "
                          f"{source_prompt!r} are identical, so there is nothing to edit")
-    region = difference[..., 0] / difference.max() >= threshold
+    region = difference / difference.max() >= threshold
     # An enclosed hole (where the two estimates happen to agree inside the object) would keep
     # the old pixels there: each frame's region is filled.
     return np.stack([ndimage.binary_fill_holes(frame) for frame in region])[..., None].astype(
