@@ -60,7 +60,7 @@ def main() -> None:
     rows["truth, stripes"] = _scores(styled, prompts)
 
     generator, _ = load_generator(config, args.video)
-    video_model = nnx.merge(generator.graphdef, generator.state, copy=True)
+    video_model = nnx.merge(generator.graphdef, generator.state)
     style_model = style.load_model(args.style)
     samples = {}
     for alpha in (float(a) for a in args.alphas.split(",")):

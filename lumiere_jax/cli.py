@@ -267,7 +267,7 @@ def cmd_app_style():
     seeds = [int(s) for s in _SEEDS.value]
     guidance = float(_GUIDANCE.value[0]) if _GUIDANCE.value else config.sample.guidance
     generator, _ = load_generator(config, workdir, _STEP.value)
-    video_model = nnx.merge(generator.graphdef, generator.state, copy=True)  # kept as is
+    video_model = nnx.merge(generator.graphdef, generator.state)
     out = epath.Path(_OUT.value or f"{workdir}/apps/style")
     out.mkdir(parents=True, exist_ok=True)
     items = [(p, s) for p in prompts for s in seeds]
