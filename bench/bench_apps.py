@@ -1,6 +1,6 @@
 """Image-to-video both ways, and SDEdit, measured: `python -m bench.bench_apps [--video
 checkpoints/shapes_stunet] [--masked checkpoints/shapes_stunet_masked] [--num 24]
-[--only i2v|sdedit|sdedit_inverted|sdedit_region]`.
+[--only i2v|sdedit|sdedit_inverted|sdedit_region|sdedit_resample]`.
 
 Image-to-video: the first frame of each of the first --num ground-truth clips of the world's
 'test' split is the given image; the clip's caption is the prompt; seeds 1000 + i. Three ways,
@@ -14,9 +14,10 @@ the world), at the strengths and guidance scales of SDEDIT_SETTINGS, with the em
 guidance's second branch or the clip's own caption as the negative prompt, starting from the
 clip noised with the seed's noise or from its DDIM inversion under its own caption, over the
 whole clip or only in its automatic region (editing.edit_region, DiffEdit's mask, the rest
-kept). Reported: colour accuracy against the new prompt (and against the old one), motion
+kept), with one or several takes per sampler step (RePaint's resampling). Reported: colour accuracy against the new prompt (and against the old one), motion
 accuracy, and how far the object's track moved: the mean distance between the input's and the
-output's centroids per frame, as a fraction of the frame's short side.
+output's centroids per frame, as a fraction of the frame's short side; and the evaluator's
+stability (speckled fills score low).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,19 +38,30 @@ from lumiere_jax.eval.shapes import detect, score_batch
 from lumiere_jax.sampling import load_generator
 
 KEYS = ("colour_acc", "shape_acc", "motion_acc", "stability")
-# SDEdit (strength, guidance, the input's caption as the negative prompt, from the input's
-# DDIM inversion under its caption, only in the automatic region) settings measured.
+
+
+class Edit(NamedTuple):
+    """One SDEdit setting measured."""
+    strength: float
+    guidance: float
+    negative: bool  # the input's caption as the negative prompt (else the empty caption)
+    invert: bool = False  # from the input's DDIM inversion under its caption
+    region: bool = False  # only in the automatic region (edit_regions)
+    resample: int = 1  # takes per sampler step (RePaint's resampling)
+
+
 SDEDIT_SETTINGS = (
-    (0.5, 3.0, False, False, False), (0.5, 3.0, True, False, False),
-    (0.5, 6.0, True, False, False), (0.5, 10.0, True, False, False),
-    (0.6, 3.0, False, False, False), (0.6, 3.0, True, False, False),
-    (0.6, 6.0, True, False, False), (0.7, 3.0, False, False, False),
-    (0.7, 3.0, True, False, False), (0.9, 3.0, False, False, False),
-    (0.9, 3.0, True, False, False),
-    (0.5, 1.0, False, True, False), (0.5, 2.0, True, True, False), (0.5, 3.0, True, True, False),
-    (0.7, 3.0, True, True, False), (0.9, 3.0, True, True, False),
-    (0.5, 3.0, True, False, True), (0.5, 10.0, True, False, True),
-    (0.5, 25.0, True, False, True), (0.7, 3.0, True, False, True), (1.0, 3.0, True, False, True))
+    Edit(0.5, 3.0, False), Edit(0.5, 3.0, True), Edit(0.5, 6.0, True), Edit(0.5, 10.0, True),
+    Edit(0.6, 3.0, False), Edit(0.6, 3.0, True), Edit(0.6, 6.0, True), Edit(0.7, 3.0, False),
+    Edit(0.7, 3.0, True), Edit(0.9, 3.0, False), Edit(0.9, 3.0, True),
+    Edit(0.5, 1.0, False, invert=True), Edit(0.5, 2.0, True, invert=True),
+    Edit(0.5, 3.0, True, invert=True), Edit(0.7, 3.0, True, invert=True),
+    Edit(0.9, 3.0, True, invert=True),
+    Edit(0.5, 3.0, True, region=True), Edit(0.5, 10.0, True, region=True),
+    Edit(0.5, 25.0, True, region=True), Edit(0.7, 3.0, True, region=True),
+    Edit(1.0, 3.0, True, region=True),
+    Edit(0.5, 3.0, True, region=True, resample=5), Edit(0.5, 10.0, True, region=True, resample=5),
+    Edit(0.5, 25.0, True, region=True, resample=5))
 
 
 def _generator(directory: str):
@@ -88,18 +101,17 @@ def edit_regions(generator, clips: np.ndarray, prompts: list[str], seeds: list[i
                      for clip, old, seed in zip(clips, prompts, seeds)])
 
 
-def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
-           strength: float = 0.5, negative: bool = False, guidance: float = 3.0,
-           invert: bool = False, regions: np.ndarray | None = None) -> dict[str, float]:
-    """negative: the clip's own caption is the negative prompt (else the empty caption);
-    invert: start from the clip's DDIM inversion under its own caption; regions: edit only
-    there (one per clip, e.g. edit_regions)."""
+def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int], edit: Edit,
+           regions: np.ndarray | None = None) -> dict[str, float]:
+    """The scores of one setting; regions: the clips' automatic regions (edit_regions), read
+    if edit.region."""
     new_prompts = [_recoloured(p)[0] for p in prompts]
     videos = np.stack([
-        editing.sdedit(generator, clip, new, strength, [seed], guidance,
-                       negative_prompt=old if negative else "", invert=invert,
-                       source_prompt=old if invert else "",
-                       region=None if regions is None else regions[i])[0]
+        editing.sdedit(generator, clip, new, edit.strength, [seed], edit.guidance,
+                       negative_prompt=old if edit.negative else "", invert=edit.invert,
+                       source_prompt=old if edit.invert else "",
+                       region=regions[i] if edit.region else None,
+                       resample=edit.resample)[0]
         for i, (clip, new, old, seed) in enumerate(zip(clips, new_prompts, prompts, seeds))])
     new = score_batch(videos, new_prompts)
     old = score_batch(videos, prompts)
@@ -109,9 +121,9 @@ def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int],
         with warnings.catch_warnings():  # no object found in any frame: NaN, left out below
             warnings.simplefilter("ignore", RuntimeWarning)
             moved.append(float(np.nanmean(np.linalg.norm(a - b, axis=-1))))
-    return {"strength": strength, "guidance": guidance, "inverted": invert,
-            "region": "all" if regions is None else "automatic",
-            "negative_prompt": "input's caption" if negative else "",
+    return {"strength": edit.strength, "guidance": edit.guidance, "inverted": edit.invert,
+            "region": "automatic" if edit.region else "all", "resample": edit.resample,
+            "negative_prompt": "input's caption" if edit.negative else "",
             "colour_acc_new_prompt": new["colour_acc"],
             "colour_acc_old_prompt": old["colour_acc"], "motion_acc": new["motion_acc"],
             "track_shift": float(np.nanmean(moved)), "stability": new["stability"]}
@@ -123,9 +135,11 @@ def main() -> None:
     parser.add_argument("--masked", default="checkpoints/shapes_stunet_masked",
                         help="the conditional STUNet ('' to skip)")
     parser.add_argument("--num", type=int, default=24)
-    parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted", "sdedit_region"),
-                        help="one of the two tables (sdedit_inverted / sdedit_region: its "
-                             "rows from the inversion / in the automatic region)")
+    parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted", "sdedit_region",
+                                           "sdedit_resample"),
+                        help="one of the two tables (sdedit_inverted / sdedit_region / "
+                             "sdedit_resample: its rows from the inversion / in the automatic "
+                             "region / with several takes per step)")
     args = parser.parse_args()
     plain = _generator(args.video)
     masked = _generator(args.masked) if args.masked and args.only in (None, "i2v") else None
@@ -136,31 +150,30 @@ def main() -> None:
     seeds = [1000 + i for i in range(args.num)]
     i2v = {} if args.only not in (None, "i2v") else image_to_video(plain, masked, clips,
                                                                     prompts, seeds)
-    settings = [row for row in SDEDIT_SETTINGS
-                if args.only not in ("sdedit_inverted", "sdedit_region")
-                or row[3 if args.only == "sdedit_inverted" else 4]]
+    subset = {"sdedit_inverted": lambda edit: edit.invert,
+              "sdedit_region": lambda edit: edit.region,
+              "sdedit_resample": lambda edit: edit.resample > 1}.get(args.only, lambda _: True)
+    settings = [edit for edit in SDEDIT_SETTINGS if subset(edit)]
     regions = (edit_regions(plain, clips, prompts, seeds)
-               if any(row[4] for row in settings) and args.only != "i2v" else None)
+               if any(edit.region for edit in settings) and args.only != "i2v" else None)
     report = {"i2v": i2v, "sdedit": [] if args.only == "i2v" else [
-        sdedit(plain, clips, prompts, seeds, s, negative, g, invert,
-               regions if in_region else None)
-        for s, g, negative, invert, in_region in settings]}
+        sdedit(plain, clips, prompts, seeds, edit, regions) for edit in settings]}
     print("| image-to-video | frame-0 PSNR (dB) | colour | shape | motion | stability |")
     print("|---|---|---|---|---|---|")
     for name, row in report["i2v"].items():
         print(f"| {name} | {row['frame0_psnr']:.1f} | {row['colour_acc']:.0%} | "
               f"{row['shape_acc']:.0%} | {row['motion_acc']:.0%} | {row['stability']:.3f} |")
-    print("\n| SDEdit strength | from | region | guidance | negative prompt | "
-          "colour = new prompt | colour = old | motion | track shift |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| SDEdit strength | from | region | takes per step | guidance | negative prompt | "
+          "colour = new prompt | colour = old | motion | track shift | stability |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["sdedit"]:
         negative = row["negative_prompt"] or "(empty)"
         start = "inversion" if row["inverted"] else "noise"
-        print(f"| {row['strength']} | {start} | {row['region']} | {row['guidance']:g} | "
-              f"{negative} | "
+        print(f"| {row['strength']} | {start} | {row['region']} | {row['resample']} | "
+              f"{row['guidance']:g} | {negative} | "
               f"{row['colour_acc_new_prompt']:.0%} | "
               f"{row['colour_acc_old_prompt']:.0%} | {row['motion_acc']:.0%} | "
-              f"{row['track_shift']:.3f} |")
+              f"{row['track_shift']:.3f} | {row['stability']:.3f} |")
     print(json.dumps(report, indent=1))
 
 

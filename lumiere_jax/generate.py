@@ -127,7 +127,7 @@ class Generator:
             return denoiser(model, cond, null_cond, scale, aug, low_res, use_guidance)(z, logsnr)
 
         def run(state, ids, mask, null_ids, null_mask, z_init, rng, scale, low_res, edit,
-                start_t, use_guidance, conditioning, batch_mesh):
+                start_t, use_guidance, conditioning, batch_mesh, resample):
             model: Denoiser = nnx.merge(self.graphdef, state)
             cond = model.encode_text(ids, mask)
             null_cond = model.encode_text(null_ids, null_mask)
@@ -181,7 +181,7 @@ class Generator:
                            if "known" in edit and conditioning != "model" else None)
             x = sample(sampler, fn, z_init.shape, rng, diffusion, steps=steps, z_init=z_init,
                        start_t=start_t, x0_transform=x0_transform, z_transform=z_transform,
-                       clip_output=base is None)
+                       clip_output=base is None, resample=resample)
             return x if base is None else jnp.clip(base + x, -1.0, 1.0)
 
         def estimate(state, ids, mask, x0, eps, logsnr):
@@ -208,7 +208,7 @@ class Generator:
         if self.devices is not None:
             self.state = self._replicate(self.state)
         self._run = jax.jit(run, static_argnames=("start_t", "use_guidance", "conditioning",
-                                                  "batch_mesh"), **out_replicated)
+                                                  "batch_mesh", "resample"), **out_replicated)
         self.conditional = isinstance(model.net, STUNet) and model.net.cfg.cond_channels > 0
         self.window = window
 
@@ -273,7 +273,7 @@ class Generator:
                  init: np.ndarray | None = None, strength: float = 1.0,
                  conditioning: str = "replace",
                  negative_prompts: Sequence[str] | None = None, invert: bool = False,
-                 source_prompts: Sequence[str] | None = None) -> np.ndarray:
+                 source_prompts: Sequence[str] | None = None, resample: int = 1) -> np.ndarray:
         """uint8 samples [n, *sample_shape] for n prompts with one seed (and scale) each.
 
         low_res: for an SSR model, the low-resolution videos to upsample, [n, t, H/scale,
@@ -299,8 +299,15 @@ class Generator:
           unguided, up to `strength`, instead of init noised with the seed's noise: the edit
           starts where the input's own deterministic path was, so the seed plays no part and
           strength 1 is no longer plain sampling. Needs the DDIM sampler.
+        resample: each sampler step taken this many times, re-noised in between (RePaint's
+          resampling, diffusion.samplers): costs `resample` times the model calls; with known
+          pixels or an SDEdit it gives the sample that many chances per level to reconcile
+          the input with the prompt. 1: each step once.
         """
         prompts = list(prompts)
+        if not isinstance(resample, (int, np.integer)) or resample < 1:
+            raise ValueError(f"resample must be an int >= 1 (1: each sampler step once), got "
+                             f"{resample!r}")
         low_res = self._check_low_res(low_res, len(prompts))
         edit = self._check_edit(len(prompts), known, known_mask, init, strength)
         if invert:
@@ -339,7 +346,7 @@ class Generator:
                           start_t=float(strength) if init is not None else 1.0,
                           use_guidance=bool(np.any(scales[i : i + n] != 1.0)),
                           conditioning=conditioning if known is not None else "replace",
-                          batch_mesh=mesh)
+                          batch_mesh=mesh, resample=int(resample))
             out.append(to_uint8(local_value(x)[:n]))
             bar.update(len(out[-1]))
         bar.close()

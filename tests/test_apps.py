@@ -184,7 +184,8 @@ def test_cli_app_writes_videos_and_reports_bad_input(model_dir, tmp_path):
                                "--workdir", model_dir, "--prompts", PROMPT],
                               capture_output=True, text=True, timeout=300)
 
-    result = lumiere("i2v", "--image", str(image), "--out", str(tmp_path / "out"))
+    result = lumiere("i2v", "--image", str(image), "--out", str(tmp_path / "out"),
+                     "--resample", "2")
     assert result.returncode == 0, result.stderr
     frames, _ = video_io.read_video(tmp_path / "out" / (
         "a_small_red_circle_moving_left_on_a_black_backgr_seed0.mp4"))
@@ -206,6 +207,8 @@ def test_cli_app_writes_videos_and_reports_bad_input(model_dir, tmp_path):
     assert result.returncode != 0 and "give --source_prompt, and no --box" in result.stderr
     result = lumiere("cinemagraph", "--image", str(image))
     assert result.returncode != 0 and "needs the region: --box or --mask" in result.stderr
+    result = lumiere("i2v", "--image", str(image), "--resample", "0")
+    assert result.returncode != 0 and "--resample=0" in result.stderr
     result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"))
     assert result.returncode != 0 and "no video file" in result.stderr
     result = lumiere("sdedit", "--video", str(tmp_path / "missing.mp4"), "--source_prompt",
@@ -332,3 +335,24 @@ def test_sdedit_in_a_region_keeps_the_rest_of_the_input(generator):
     assert np.abs(out[~outside].astype(int) - video[~outside]).mean() > 5
     with pytest.raises(ValueError, match=r"per-frame region is a mask \[8, 16, 16, 1\]"):
         editing.sdedit(generator, video, PROMPT, 0.6, [0], region=region[:4])
+
+
+def test_resampling_keeps_the_known_pixels_and_the_endpoints(generator):
+    """RePaint's resampling (several takes per step) changes the sample, but not what the
+    applications promise exactly: pixels outside an SDEdit region, a given first frame, and
+    strength 0 returning the input."""
+    video = _video()
+    region = editing.box_region("4,4,12,12", H, W)
+    plain = editing.sdedit(generator, video, PROMPT, 0.5, [0], region=region)[0]
+    resampled = editing.sdedit(generator, video, PROMPT, 0.5, [0], region=region,
+                               resample=3)[0]
+    outside = np.broadcast_to(region == 0, video.shape)
+    np.testing.assert_array_equal(resampled[outside], video[outside])
+    assert np.abs(resampled[~outside].astype(int) - plain[~outside]).mean() > 1
+    np.testing.assert_array_equal(
+        editing.sdedit(generator, video, PROMPT, 0.0, [0], resample=3)[0], video)
+    first = editing.image_to_video(generator, video[0], PROMPT, [1], resample=2)[0]
+    np.testing.assert_array_equal(first[0], video[0])
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="resample must be an int >= 1"):
+            editing.sdedit(generator, video, PROMPT, 0.5, [0], resample=bad)

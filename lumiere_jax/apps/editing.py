@@ -18,6 +18,11 @@ region (e.g. DiffEdit's automatic one, `edit_region`: where the model's estimate
 new and the old caption differ), it replaces the pixels outside it like the others, so an
 edit can push the colour hard while the object stays on its track.
 
+Each takes `resample`: RePaint's resampling (diffusion.samplers), every step taken that many
+times with the state re-noised in between. A region edit at strength 0.5 needs it: with one
+take per step the old colour, still plain in the half-noised input, survives in speckles; with
+five the region recolours evenly (README "Applications").
+
 Inputs are uint8 pixels; image and video files are read and fitted to the model's frame size
 (cover and centre-crop, with a warning when that changes the size); they may be gs:// paths.
 """
@@ -132,17 +137,18 @@ def _frame_regions(region: np.ndarray, t: int, h: int, w: int) -> np.ndarray:
 
 def _sample_known(generator: Generator, prompt: str, seeds: Sequence[int], guidance: float,
                   known: np.ndarray, keep: np.ndarray, conditioning: str,
-                  negative_prompt: str) -> np.ndarray:
+                  negative_prompt: str, resample: int) -> np.ndarray:
     n = len(seeds)
     return generator([prompt] * n, list(seeds), guidance,
                      known=np.broadcast_to(known, (n, *known.shape)),
                      known_mask=np.broadcast_to(keep, (n, *known.shape[:-1], 1)),
-                     conditioning=conditioning, negative_prompts=[negative_prompt] * n)
+                     conditioning=conditioning, negative_prompts=[negative_prompt] * n,
+                     resample=resample)
 
 
 def image_to_video(generator: Generator, image: np.ndarray, prompt: str, seeds: Sequence[int],
                    guidance: float = 3.0, conditioning: str = "replace",
-                   negative_prompt: str = "") -> np.ndarray:
+                   negative_prompt: str = "", resample: int = 1) -> np.ndarray:
     """Videos [n, t, h, w, 3] whose frame 0 is `image` (uint8 [h, w, 3]); exactly so unless
     conditioning="model" (then the conditional model follows the image as well as it can)."""
     t, h, w = _video_shape(generator)
@@ -151,12 +157,13 @@ def image_to_video(generator: Generator, image: np.ndarray, prompt: str, seeds: 
     keep = np.zeros((t, h, w, 1), np.float32)
     keep[0] = 1.0
     return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning,
-                         negative_prompt)
+                         negative_prompt, resample)
 
 
 def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt: str,
             seeds: Sequence[int], guidance: float = 3.0,
-            conditioning: str = "replace", negative_prompt: str = "") -> np.ndarray:
+            conditioning: str = "replace", negative_prompt: str = "",
+            resample: int = 1) -> np.ndarray:
     """`video` (uint8 [t, h, w, 3]) with `region` regenerated: region [h, w(, 1)] for every
     frame or [t, h, w, 1] per frame, 1 = generate. Elsewhere the output equals the input."""
     t, h, w = _video_shape(generator)
@@ -165,12 +172,12 @@ def inpaint(generator: Generator, video: np.ndarray, region: np.ndarray, prompt:
                          f"{np.shape(video)} (read files with read_clip)")
     keep = 1.0 - _frame_regions(region, t, h, w)
     return _sample_known(generator, prompt, seeds, guidance, np.asarray(video), keep,
-                         conditioning, negative_prompt)
+                         conditioning, negative_prompt, resample)
 
 
 def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequence[int],
              guidance: float = 3.0, conditioning: str = "replace",
-             negative_prompt: str = "") -> np.ndarray:
+             negative_prompt: str = "", resample: int = 1) -> np.ndarray:
     """A smaller video (uint8 [t, h', w', 3]) centred on the model's canvas, the border
     generated; the centre equals the input."""
     t, h, w = _video_shape(generator)
@@ -184,19 +191,20 @@ def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequen
     keep = np.zeros((t, h, w, 1), np.float32)
     keep[:, top:top + vh, left:left + vw] = 1.0
     return _sample_known(generator, prompt, seeds, guidance, known, keep, conditioning,
-                         negative_prompt)
+                         negative_prompt, resample)
 
 
 def cinemagraph(generator: Generator, image: np.ndarray, region: np.ndarray, prompt: str,
                 seeds: Sequence[int], guidance: float = 3.0,
-                conditioning: str = "replace", negative_prompt: str = "") -> np.ndarray:
+                conditioning: str = "replace", negative_prompt: str = "",
+            resample: int = 1) -> np.ndarray:
     """Videos where every frame equals `image` outside `region` ([h, w(, 1)], 1 = animate)
     and the region moves as the prompt says."""
     t, h, w = _video_shape(generator)
     image = fit_frame(image, h, w, "image")
     keep = np.broadcast_to(1.0 - _check_region(region, h, w), (t, h, w, 1))
     return _sample_known(generator, prompt, seeds, guidance, np.broadcast_to(image, (t, h, w, 3)),
-                         keep, conditioning, negative_prompt)
+                         keep, conditioning, negative_prompt, resample)
 
 
 def edit_region(generator: Generator, video: np.ndarray, prompt: str, source_prompt: str,
@@ -239,7 +247,8 @@ def edit_region(generator: Generator, video: np.ndarray, prompt: str, source_pro
 def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float,
            seeds: Sequence[int], guidance: float = 3.0,
            negative_prompt: str = "", invert: bool = False,
-           source_prompt: str = "", region: np.ndarray | None = None) -> np.ndarray:
+           source_prompt: str = "", region: np.ndarray | None = None,
+           resample: int = 1) -> np.ndarray:
     """`video` (uint8 [t, h, w, 3]) edited towards `prompt`: noised to diffusion time
     `strength` (0: unchanged, 1: a new video from the seed) and denoised with the prompt.
 
@@ -253,7 +262,9 @@ def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float
     longer plain text-to-video.
     region: where the edit may change the video ([h, w(, 1)] for every frame or [t, h, w, 1],
     1 = edit; e.g. edit_region's automatic mask); elsewhere the output equals the input
-    exactly (its pixels replaced at every step, as for inpaint). None: the whole clip."""
+    exactly (its pixels replaced at every step, as for inpaint). None: the whole clip.
+    resample: takes per sampler step (RePaint's resampling; that many times the model calls);
+    strength 0 still returns the input, and pixels outside the region stay exact."""
     t, h, w = _video_shape(generator)
     if np.shape(video) != (t, h, w, 3):
         raise ValueError(f"sdedit: the video must have the model's shape {(t, h, w, 3)}, got "
@@ -265,4 +276,5 @@ def sdedit(generator: Generator, video: np.ndarray, prompt: str, strength: float
                                                       (n, t, h, w, 1))}
     return generator([prompt] * n, list(seeds), guidance, strength=strength, init=video,
                      negative_prompts=[negative_prompt] * n, invert=invert,
-                     source_prompts=[source_prompt] * n if source_prompt else None, **known)
+                     source_prompts=[source_prompt] * n if source_prompt else None,
+                     resample=resample, **known)

@@ -12,6 +12,11 @@ Hooks, all traced into the loop:
   * z_transform(z, logsnr_s, rng) -> z on every new state at level logsnr_s ([b]; +inf at
     the final, clean level). For training-free inpainting see replace_known().
 
+resample = R > 1 is RePaint's resampling (Lugmayr et al., 2022): every step is taken R times,
+the state carried back to the step's noisier level with fresh noise (renoise) between takes,
+so a constrained sample (known pixels, an SDEdit region) has R model calls per level to
+reconcile what is fixed with what the prompt asks for instead of one.
+
 Everything is jittable (lax.fori_loop) and a deterministic function of the PRNG key; call the
 samplers inside jax.jit with fn closed over.
 """
@@ -98,6 +103,23 @@ def replace_known(x_known: jax.Array, mask: jax.Array,
     return transform
 
 
+def renoise(
+    z_s: jax.Array, logsnr_s: jax.Array, logsnr_t: jax.Array, rng: jax.Array,
+    noise: NoiseFn = schedules.gaussian_noise,
+) -> jax.Array:
+    """A draw from the forward transition q(z_t | z_s): z_s at level s carried to the noisier
+    level t (logsnr_t <= logsnr_s; logsnr_s may be +inf, i.e. z_s is clean data).
+
+    z_t = (alpha_t / alpha_s) z_s + sigma_t sqrt(1 - exp(logsnr_t - logsnr_s)) noise, which
+    is distributed as alpha_t x0 + sigma_t eps whenever z_s is alpha_s x0 + sigma_s eps'.
+    z_s: [b, ...]; logsnr_s, logsnr_t: [b].
+    """
+    alpha_t, sigma_t = schedules.alpha_sigma(schedules.per_example(logsnr_t, z_s))
+    alpha_s, _ = schedules.alpha_sigma(schedules.per_example(logsnr_s, z_s))
+    added = -jnp.expm1(schedules.per_example(logsnr_t - logsnr_s, z_s))  # (sigma_t'/sigma_t)^2
+    return alpha_t / alpha_s * z_s + sigma_t * jnp.sqrt(added) * noise(rng, z_s.shape)
+
+
 def ddim_step(
     x0: jax.Array,
     eps: jax.Array,
@@ -173,8 +195,12 @@ def _sample(
     x0_transform: X0Transform | None,
     z_transform: ZTransform | None,
     clip_output: bool,
+    resample: int,
 ) -> jax.Array:
     _check_common(shape, steps, start_t, z_init)
+    if not isinstance(resample, int) or resample < 1:
+        raise ValueError(f"Sampler: resample must be an int >= 1 (1: each step once), got "
+                         f"{resample!r}.")
     shape = tuple(shape)
     batch = shape[0]
     init_rng, loop_rng = jax.random.split(rng)
@@ -191,6 +217,16 @@ def _sample(
         i = steps - k  # from grid point i to i - 1
         logsnr_t, logsnr_s = level(i), level(i - 1)
         step_rng = jax.random.fold_in(loop_rng, k)
+
+        def take_and_renoise(u, z):  # RePaint's earlier takes, each carried back to level t
+            take_rng, back_rng = jax.random.split(jax.random.fold_in(step_rng, u + 1))
+            z = step(z, logsnr_t, logsnr_s, take_rng)
+            return renoise(z, logsnr_s, logsnr_t, back_rng, diffusion.noise)
+
+        z = jax.lax.fori_loop(0, resample - 1, take_and_renoise, z)
+        return step(z, logsnr_t, logsnr_s, step_rng)  # the last take (the only one if R = 1)
+
+    def step(z, logsnr_t, logsnr_s, step_rng):  # one take from level t to level s
         noise_rng, hook_rng = jax.random.split(step_rng)
 
         pred = fn(z, logsnr_t).astype(jnp.float32)
@@ -276,6 +312,7 @@ def ddim_sample(
     x0_transform: X0Transform | None = None,
     z_transform: ZTransform | None = None,
     clip_output: bool = True,
+    resample: int = 1,
 ) -> jax.Array:
     """Sample with DDIM; returns x0 [shape] float32, clipped to [-1, 1] unless clip_output=False.
 
@@ -289,9 +326,10 @@ def ddim_sample(
       z_init: starting state at level start_t (default: N(0, I) noise).
       start_t: starting time in (0, 1]; < 1 needs z_init (SDEdit, see noise_to).
       x0_transform, z_transform: hooks, see the module docstring.
+      resample: takes per step (RePaint's resampling, see the module docstring); 1: none.
     """
     return _sample("ddim", fn, shape, rng, diffusion, steps, eta, z_init, start_t,
-                   x0_transform, z_transform, clip_output)
+                   x0_transform, z_transform, clip_output, resample)
 
 
 def ddpm_sample(
@@ -306,10 +344,11 @@ def ddpm_sample(
     x0_transform: X0Transform | None = None,
     z_transform: ZTransform | None = None,
     clip_output: bool = True,
+    resample: int = 1,
 ) -> jax.Array:
     """Sample with DDPM ancestral steps (posterior variance). Arguments as ddim_sample."""
     return _sample("ddpm", fn, shape, rng, diffusion, steps, 1.0, z_init, start_t,
-                   x0_transform, z_transform, clip_output)
+                   x0_transform, z_transform, clip_output, resample)
 
 
 def sample(
@@ -326,6 +365,7 @@ def sample(
     x0_transform: X0Transform | None = None,
     z_transform: ZTransform | None = None,
     clip_output: bool = True,
+    resample: int = 1,
 ) -> jax.Array:
     """Dispatch on a config string: method 'ddim' (uses eta) or 'ddpm'."""
     if method not in SAMPLERS:
@@ -333,4 +373,4 @@ def sample(
     if method == "ddpm" and eta != 0.0:
         raise ValueError("Sampler 'ddpm' takes no eta (it is DDIM with eta = 1); drop eta.")
     return _sample(method, fn, shape, rng, diffusion, steps, eta, z_init, start_t,
-                   x0_transform, z_transform, clip_output)
+                   x0_transform, z_transform, clip_output, resample)
