@@ -61,7 +61,7 @@ SDEDIT_SETTINGS = (
     Edit(0.5, 25.0, True, region=True), Edit(0.7, 3.0, True, region=True),
     Edit(1.0, 3.0, True, region=True),
     Edit(0.5, 3.0, True, region=True, resample=5), Edit(0.5, 10.0, True, region=True, resample=5),
-    Edit(0.5, 25.0, True, region=True, resample=5))
+    Edit(0.5, 15.0, True, region=True, resample=5), Edit(0.5, 25.0, True, region=True, resample=5))
 
 
 def _generator(directory: str):
