@@ -14,10 +14,11 @@ the world), at the strengths and guidance scales of SDEDIT_SETTINGS, with the em
 guidance's second branch or the clip's own caption as the negative prompt, starting from the
 clip noised with the seed's noise or from its DDIM inversion under its own caption, over the
 whole clip or only in its automatic region (editing.edit_region, DiffEdit's mask, the rest
-kept), with one or several takes per sampler step (RePaint's resampling). Reported: colour accuracy against the new prompt (and against the old one), motion
-accuracy, and how far the object's track moved: the mean distance between the input's and the
-output's centroids per frame, as a fraction of the frame's short side; and the evaluator's
-stability (speckled fills score low).
+kept), with one or several takes per sampler step (RePaint's resampling). Reported: colour
+accuracy against the new prompt (and against the old one), motion accuracy, how far the
+object's track moved (the mean distance between the input's and the output's centroids per
+frame, as a fraction of the frame's short side), and the evaluator's stability (speckled fills
+score low).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ _AUTO_REGION = flags.DEFINE_bool(
 _RESAMPLE = flags.DEFINE_integer(
     "resample", 1, "app i2v/inpaint/outpaint/cinemagraph/sdedit: take every sampler step this "
     "many times, re-noised in between (RePaint's resampling; that many times the model calls). "
-    "Lets a region edit at --strength 0.5 recolour cleanly (README \"Applications\").",
+    "E.g. 5 for a region edit at --strength 0.5 (README \"Applications\").",
     lower_bound=1)
 _CONDITIONING = flags.DEFINE_enum(
     "conditioning", "replace", ["replace", "model", "both"],

@@ -19,9 +19,10 @@ new and the old caption differ), it replaces the pixels outside it like the othe
 edit can push the colour hard while the object stays on its track.
 
 Each takes `resample`: RePaint's resampling (diffusion.samplers), every step taken that many
-times with the state re-noised in between. A region edit at strength 0.5 needs it: with one
+times with the state re-noised in between. A region edit at strength 0.5 gains most: with one
 take per step the old colour, still plain in the half-noised input, survives in speckles; with
-five the region recolours evenly (README "Applications").
+five the new colour takes over far more of the region and the edit is steadier (README
+"Applications").
 
 Inputs are uint8 pixels; image and video files are read and fitted to the model's frame size
 (cover and centre-crop, with a warning when that changes the size); they may be gs:// paths.
@@ -197,7 +198,7 @@ def outpaint(generator: Generator, video: np.ndarray, prompt: str, seeds: Sequen
 def cinemagraph(generator: Generator, image: np.ndarray, region: np.ndarray, prompt: str,
                 seeds: Sequence[int], guidance: float = 3.0,
                 conditioning: str = "replace", negative_prompt: str = "",
-            resample: int = 1) -> np.ndarray:
+                resample: int = 1) -> np.ndarray:
     """Videos where every frame equals `image` outside `region` ([h, w(, 1)], 1 = animate)
     and the region moves as the prompt says."""
     t, h, w = _video_shape(generator)

@@ -116,7 +116,8 @@ def renoise(
     """
     alpha_t, sigma_t = schedules.alpha_sigma(schedules.per_example(logsnr_t, z_s))
     alpha_s, _ = schedules.alpha_sigma(schedules.per_example(logsnr_s, z_s))
-    added = -jnp.expm1(schedules.per_example(logsnr_t - logsnr_s, z_s))  # (sigma_t'/sigma_t)^2
+    # The share of sigma_t^2 that is new noise.
+    added = -jnp.expm1(schedules.per_example(logsnr_t - logsnr_s, z_s))
     return alpha_t / alpha_s * z_s + sigma_t * jnp.sqrt(added) * noise(rng, z_s.shape)
 
 
