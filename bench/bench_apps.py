@@ -7,7 +7,7 @@ Image-to-video: the first frame of each of the first --num ground-truth clips of
 on the same prompts and seeds: the training-free way with the plain STUNet (known pixels
 replaced at every step), the conditional STUNet seeing the masked video ("model"), and both.
 Reported: PSNR of the output's frame 0 against the image, and the analytic evaluator's colour /
-shape / motion accuracy and stability.
+shape / motion accuracy and stability; guidance 3 unless --i2v_guidance.
 
 SDEdit: each clip is edited with a prompt that changes only its colour (to the next colour of
 the world), at the strengths and guidance scales of SDEDIT_SETTINGS, with the empty caption in
@@ -69,8 +69,8 @@ def _generator(directory: str):
     return load_generator(read_resolved_config(directory), directory)[0]
 
 
-def image_to_video(plain, masked, clips: np.ndarray, prompts: list[str], seeds: list[int]
-                   ) -> dict[str, dict[str, float]]:
+def image_to_video(plain, masked, clips: np.ndarray, prompts: list[str], seeds: list[int],
+                   guidance: float = 3.0) -> dict[str, dict[str, float]]:
     ways = {"replace (training-free, plain STUNet)": (plain, "replace")}
     if masked is not None:
         ways["model (conditional STUNet)"] = (masked, "model")
@@ -78,7 +78,8 @@ def image_to_video(plain, masked, clips: np.ndarray, prompts: list[str], seeds: 
     rows = {}
     for name, (generator, how) in ways.items():
         videos = np.stack([
-            editing.image_to_video(generator, clip[0], prompt, [seed], conditioning=how)[0]
+            editing.image_to_video(generator, clip[0], prompt, [seed], guidance,
+                                   conditioning=how)[0]
             for clip, prompt, seed in zip(clips, prompts, seeds)])
         scores = score_batch(videos, prompts)
         psnr = video_quality.psnr(videos[:, :1], clips[:, :1])
@@ -136,6 +137,9 @@ def main() -> None:
     parser.add_argument("--masked", default="checkpoints/shapes_stunet_masked",
                         help="the conditional STUNet ('' to skip)")
     parser.add_argument("--num", type=int, default=24)
+    parser.add_argument("--i2v_guidance", type=float, default=3.0,
+                        help="image-to-video's guidance scale (the conditional model copies the "
+                             "image best at 1)")
     parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted", "sdedit_region",
                                            "sdedit_resample"),
                         help="one of the two tables (sdedit_inverted / sdedit_region / "
@@ -149,8 +153,8 @@ def main() -> None:
     clips = np.stack([item["video"] for item in items])
     prompts = [item["caption"] for item in items]
     seeds = [1000 + i for i in range(args.num)]
-    i2v = {} if args.only not in (None, "i2v") else image_to_video(plain, masked, clips,
-                                                                    prompts, seeds)
+    i2v = {} if args.only not in (None, "i2v") else image_to_video(
+        plain, masked, clips, prompts, seeds, args.i2v_guidance)
     subset = {"sdedit_inverted": lambda edit: edit.invert,
               "sdedit_region": lambda edit: edit.region,
               "sdedit_resample": lambda edit: edit.resample > 1}.get(args.only, lambda _: True)
