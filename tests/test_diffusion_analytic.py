@@ -79,13 +79,7 @@ def alpha_sigma64(logsnr):
 
 def ddim_gain(diffusion, steps, std):
     """DDIM(eta=0) output = mu + gain * (z_init - alpha_start mu) for Gaussian data."""
-    logsnr = reference_logsnrs(diffusion, steps)
-    gain = 1.0
-    for l_t, l_s in zip(logsnr[:-1], logsnr[1:]):
-        a_t, s_t = alpha_sigma64(l_t)
-        a_s, s_s = alpha_sigma64(l_s)
-        total = a_t**2 * std**2 + s_t**2
-        gain *= a_s * a_t * std**2 / total + s_s * s_t / total
+    gain, _ = resampled_ddim_reference(diffusion, steps, 1.0, 1, std)
     return gain
 
 
