@@ -29,7 +29,9 @@ checkpoints/shapes_stunet) plus a zero-initialised input for the masked video an
 diffusion/masks.py) for image-to-video and inpainting:
   lumiere train --config configs/shapes_stunet.py:masked --workdir runs/stunet_masked
 With `--config.train.trainable='^net/'` (the whole U-Net) the copy of the known pixels is
-learned faster with them weighted up in the loss, e.g. `--config.train.known_weight=64`.
+learned faster with them weighted up in the loss, e.g. `--config.train.known_weight=64`; the
+shipped checkpoints/shapes_stunet_masked is that, at batch=64 and lr 3e-4 on a GPU
+(checkpoints/README.md).
 
 Expected result: see README "Stage 1" for the measured motion accuracy and temporal stability
 against the per-frame stage-0 model on the same prompts and seeds, and README "Applications"
