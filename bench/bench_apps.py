@@ -7,7 +7,8 @@ Image-to-video: the first frame of each of the first --num ground-truth clips of
 on the same prompts and seeds: the training-free way with the plain STUNet (known pixels
 replaced at every step), the conditional STUNet seeing the masked video ("model"), and both.
 Reported: PSNR of the output's frame 0 against the image, and the analytic evaluator's colour /
-shape / motion accuracy and stability; guidance 3 unless --i2v_guidance.
+shape / motion accuracy and stability; guidance 3 unless --i2v_guidance, one take per
+sampler step unless --i2v_resample.
 
 SDEdit: each clip is edited with a prompt that changes only its colour (to the next colour of
 the world), at the strengths and guidance scales of SDEDIT_SETTINGS, with the empty caption in
@@ -70,7 +71,7 @@ def _generator(directory: str):
 
 
 def image_to_video(plain, masked, clips: np.ndarray, prompts: list[str], seeds: list[int],
-                   guidance: float = 3.0) -> dict[str, dict[str, float]]:
+                   guidance: float = 3.0, resample: int = 1) -> dict[str, dict[str, float]]:
     ways = {"replace (training-free, plain STUNet)": (plain, "replace")}
     if masked is not None:
         ways["model (conditional STUNet)"] = (masked, "model")
@@ -79,7 +80,7 @@ def image_to_video(plain, masked, clips: np.ndarray, prompts: list[str], seeds: 
     for name, (generator, how) in ways.items():
         videos = np.stack([
             editing.image_to_video(generator, clip[0], prompt, [seed], guidance,
-                                   conditioning=how)[0]
+                                   conditioning=how, resample=resample)[0]
             for clip, prompt, seed in zip(clips, prompts, seeds)])
         scores = score_batch(videos, prompts)
         psnr = video_quality.psnr(videos[:, :1], clips[:, :1])
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--i2v_guidance", type=float, default=3.0,
                         help="image-to-video's guidance scale (the conditional model copies the "
                              "image best at 1)")
+    parser.add_argument("--i2v_resample", type=int, default=1,
+                        help="image-to-video's takes per sampling step (RePaint's resampling)")
     parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted", "sdedit_region",
                                            "sdedit_resample"),
                         help="one of the two tables (sdedit_inverted / sdedit_region / "
@@ -154,7 +157,7 @@ def main() -> None:
     prompts = [item["caption"] for item in items]
     seeds = [1000 + i for i in range(args.num)]
     i2v = {} if args.only not in (None, "i2v") else image_to_video(
-        plain, masked, clips, prompts, seeds, args.i2v_guidance)
+        plain, masked, clips, prompts, seeds, args.i2v_guidance, args.i2v_resample)
     subset = {"sdedit_inverted": lambda edit: edit.invert,
               "sdedit_region": lambda edit: edit.region,
               "sdedit_resample": lambda edit: edit.resample > 1}.get(args.only, lambda _: True)
