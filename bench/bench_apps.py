@@ -50,6 +50,7 @@ class Edit(NamedTuple):
     invert: bool = False  # from the input's DDIM inversion under its caption
     region: bool = False  # only in the automatic region (edit_regions)
     resample: int = 1  # takes per sampler step (RePaint's resampling)
+    conditional: bool = False  # the conditional STUNet, also shown the kept pixels ("both")
 
 
 SDEDIT_SETTINGS = (
@@ -63,7 +64,10 @@ SDEDIT_SETTINGS = (
     Edit(0.5, 25.0, True, region=True), Edit(0.7, 3.0, True, region=True),
     Edit(1.0, 3.0, True, region=True),
     Edit(0.5, 3.0, True, region=True, resample=5), Edit(0.5, 10.0, True, region=True, resample=5),
-    Edit(0.5, 15.0, True, region=True, resample=5), Edit(0.5, 25.0, True, region=True, resample=5))
+    Edit(0.5, 15.0, True, region=True, resample=5), Edit(0.5, 25.0, True, region=True, resample=5),
+    Edit(0.5, 10.0, True, region=True, conditional=True),
+    Edit(0.5, 15.0, True, region=True, conditional=True),
+    Edit(0.5, 15.0, True, region=True, resample=5, conditional=True))
 
 
 def _generator(directory: str):
@@ -114,7 +118,8 @@ def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int], e
                        negative_prompt=old if edit.negative else "", invert=edit.invert,
                        source_prompt=old if edit.invert else "",
                        region=regions[i] if edit.region else None,
-                       resample=edit.resample)[0]
+                       resample=edit.resample,
+                       conditioning="both" if edit.conditional else "replace")[0]
         for i, (clip, new, old, seed) in enumerate(zip(clips, new_prompts, prompts, seeds))])
     new = score_batch(videos, new_prompts)
     old = score_batch(videos, prompts)
@@ -126,6 +131,7 @@ def sdedit(generator, clips: np.ndarray, prompts: list[str], seeds: list[int], e
             moved.append(float(np.nanmean(np.linalg.norm(a - b, axis=-1))))
     return {"strength": edit.strength, "guidance": edit.guidance, "inverted": edit.invert,
             "region": "automatic" if edit.region else "all", "resample": edit.resample,
+            "model": "conditional STUNet" if edit.conditional else "STUNet",
             "negative_prompt": "input's caption" if edit.negative else "",
             "colour_acc_new_prompt": new["colour_acc"],
             "colour_acc_old_prompt": old["colour_acc"], "motion_acc": new["motion_acc"],
@@ -144,13 +150,16 @@ def main() -> None:
     parser.add_argument("--i2v_resample", type=int, default=1,
                         help="image-to-video's takes per sampling step (RePaint's resampling)")
     parser.add_argument("--only", choices=("i2v", "sdedit", "sdedit_inverted", "sdedit_region",
-                                           "sdedit_resample"),
+                                           "sdedit_resample", "sdedit_conditional"),
                         help="one of the two tables (sdedit_inverted / sdedit_region / "
-                             "sdedit_resample: its rows from the inversion / in the automatic "
-                             "region / with several takes per step)")
+                             "sdedit_resample / sdedit_conditional: its rows from the inversion "
+                             "/ in the automatic region / with several takes per step / with "
+                             "the conditional STUNet)")
     args = parser.parse_args()
     plain = _generator(args.video)
-    masked = _generator(args.masked) if args.masked and args.only in (None, "i2v") else None
+    masked = (_generator(args.masked) if args.masked and args.only in (None, "i2v",
+                                                                       "sdedit_conditional")
+              else None)
     source = ShapesSource(world_from_config(read_resolved_config(args.video)), "test", args.num)
     items = [source[i] for i in range(args.num)]
     clips = np.stack([item["video"] for item in items])
@@ -160,25 +169,30 @@ def main() -> None:
         plain, masked, clips, prompts, seeds, args.i2v_guidance, args.i2v_resample)
     subset = {"sdedit_inverted": lambda edit: edit.invert,
               "sdedit_region": lambda edit: edit.region,
-              "sdedit_resample": lambda edit: edit.resample > 1}.get(args.only, lambda _: True)
-    settings = [edit for edit in SDEDIT_SETTINGS if subset(edit)]
+              "sdedit_resample": lambda edit: edit.resample > 1,
+              "sdedit_conditional": lambda edit: edit.conditional}.get(args.only,
+                                                                     lambda _: True)
+    settings = [edit for edit in SDEDIT_SETTINGS
+                if subset(edit) and (masked is not None or not edit.conditional)]
     regions = (edit_regions(plain, clips, prompts, seeds)
                if any(edit.region for edit in settings) and args.only != "i2v" else None)
     report = {"i2v": i2v, "sdedit": [] if args.only == "i2v" else [
-        sdedit(plain, clips, prompts, seeds, edit, regions) for edit in settings]}
+        sdedit(masked if edit.conditional else plain, clips, prompts, seeds, edit, regions)
+        for edit in settings]}
     print("| image-to-video | frame-0 PSNR (dB) | colour | shape | motion | stability |")
     print("|---|---|---|---|---|---|")
     for name, row in report["i2v"].items():
         print(f"| {name} | {row['frame0_psnr']:.1f} | {row['colour_acc']:.0%} | "
               f"{row['shape_acc']:.0%} | {row['motion_acc']:.0%} | {row['stability']:.3f} |")
-    print("\n| SDEdit strength | from | region | takes per step | guidance | negative prompt | "
-          "colour = new prompt | colour = old | motion | track shift | stability |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| SDEdit strength | model | from | region | takes per step | guidance | "
+          "negative prompt | colour = new prompt | colour = old | motion | track shift | "
+          "stability |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["sdedit"]:
         negative = row["negative_prompt"] or "(empty)"
         start = "inversion" if row["inverted"] else "noise"
-        print(f"| {row['strength']} | {start} | {row['region']} | {row['resample']} | "
-              f"{row['guidance']:g} | {negative} | "
+        print(f"| {row['strength']} | {row['model']} | {start} | {row['region']} | "
+              f"{row['resample']} | {row['guidance']:g} | {negative} | "
               f"{row['colour_acc_new_prompt']:.0%} | "
               f"{row['colour_acc_old_prompt']:.0%} | {row['motion_acc']:.0%} | "
               f"{row['track_shift']:.3f} | {row['stability']:.3f} |")

@@ -77,8 +77,9 @@ _RESAMPLE = flags.DEFINE_integer(
     lower_bound=1)
 _CONDITIONING = flags.DEFINE_enum(
     "conditioning", "replace", ["replace", "model", "both"],
-    "app i2v/inpaint/outpaint/cinemagraph: replace the known pixels at every step (any model), "
-    "let a conditional model see them ('model'; configs/shapes_stunet.py:masked), or both.")
+    "app i2v/inpaint/outpaint/cinemagraph/sdedit (with a region): replace the known pixels at "
+    "every step (any model), let a conditional model see them ('model'; "
+    "configs/shapes_stunet.py:masked), or both.")
 _STYLE = flags.DEFINE_string("style", None, "app style: the image model fine-tuned on the "
                              "style images (an export or a run of configs/shapes_style.py).")
 _ALPHA = flags.DEFINE_list("alpha", ["1.0"], "app style: style strengths in [0, 1] (0: the "
@@ -248,7 +249,7 @@ def cmd_app(name: str):
         videos = editing.sdedit(generator, clip, prompt, _STRENGTH.value, seeds, guidance,
                                  negative, invert=_INVERT.value,
                                  source_prompt=source if _INVERT.value else "", region=edit,
-                                 resample=resample)
+                                 resample=resample, conditioning=how)
     out = epath.Path(_OUT.value or f"{workdir}/apps/{name}")
     out.mkdir(parents=True, exist_ok=True)
     for seed, result in zip(seeds, videos):

@@ -194,6 +194,23 @@ def test_conditional_sampling_sees_the_known_pixels(conditional_export, plain_ex
         editing.image_to_video(generator, image, PROMPT, [0], conditioning="guess")
 
 
+def test_region_sdedit_with_the_conditional_model_keeps_the_rest(conditional_export):
+    """SDEdit in a region, the kept pixels also shown to the conditional model ("both"):
+    outside the region the output is the input bit for bit, inside it differs from the
+    training-free edit; without a region the setting is refused, not ignored."""
+    generator = _generator(conditional_export)
+    video = np.random.default_rng(2).integers(0, 256, (T, H, W, 3), np.uint8)
+    region = np.zeros((H, W), np.float32)
+    region[4:12, 4:12] = 1.0
+    edits = {how: editing.sdedit(generator, video, PROMPT, 0.5, [0], region=region,
+                                 conditioning=how, resample=2)[0] for how in ("both", "replace")}
+    outside = region == 0
+    np.testing.assert_array_equal(edits["both"][:, outside], video[:, outside])
+    assert not np.array_equal(edits["both"][:, ~outside], edits["replace"][:, ~outside])
+    with pytest.raises(ValueError, match="give a region"):
+        editing.sdedit(generator, video, PROMPT, 0.5, [0], conditioning="both")
+
+
 def test_known_frame_psnrs_show_whether_the_given_frame_is_used(conditional_export, tmp_path):
     """`lumiere eval`'s probe of a conditional STUNet: one-step estimates of frame 0 with frame
     0 given and with nothing given. Recomputed here for one level; with the conditioning input
