@@ -157,9 +157,8 @@ def main() -> None:
                              "the conditional STUNet)")
     args = parser.parse_args()
     plain = _generator(args.video)
-    masked = (_generator(args.masked) if args.masked and args.only in (None, "i2v",
-                                                                       "sdedit_conditional")
-              else None)
+    wants_masked = args.only in (None, "i2v", "sdedit_conditional")
+    masked = _generator(args.masked) if args.masked and wants_masked else None
     source = ShapesSource(world_from_config(read_resolved_config(args.video)), "test", args.num)
     items = [source[i] for i in range(args.num)]
     clips = np.stack([item["video"] for item in items])
@@ -170,8 +169,8 @@ def main() -> None:
     subset = {"sdedit_inverted": lambda edit: edit.invert,
               "sdedit_region": lambda edit: edit.region,
               "sdedit_resample": lambda edit: edit.resample > 1,
-              "sdedit_conditional": lambda edit: edit.conditional}.get(args.only,
-                                                                     lambda _: True)
+              "sdedit_conditional": lambda edit: edit.conditional,
+              }.get(args.only, lambda _: True)
     settings = [edit for edit in SDEDIT_SETTINGS
                 if subset(edit) and (masked is not None or not edit.conditional)]
     regions = (edit_regions(plain, clips, prompts, seeds)
