@@ -61,7 +61,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                       temporal_conv=True, temporal_attention=True, temporal_head_dim=64))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
                        loss_weighting="none", thresholding="dynamic",
-                       time_distribution="uniform", time_logit_mean=0.0, time_logit_std=1.0)
+                       time_distribution="uniform", time_logit_mean=0.0, time_logit_std=1.0,
+                       time_uniform_fraction=0.0)
     c.train = dict(
         steps=500_000, batch_size=arg.batch, lr=1e-4, end_lr_factor=0.1, warmup_steps=10_000,
         weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, cond_drop=0.1,

@@ -5,9 +5,13 @@ from the stage-0 export (`init_from`) and stay frozen (bit-identical); only `net
 (temporal convolutions at 32x32 and 16x16, temporal attention at 8x8, temporal down/up-sampling
 initialised to averaging / repeating) is trained. Four choices beyond the paper's recipe,
 each a switch (README "Stage 1" has what they did):
-  - `text`: the temporal layers read the caption through their own attention pooling
+  - `text=attention` (or `true`) / `text=sum`: the temporal layers read the caption
+    through their own attention pooling or sum of token projections
     (model.temporal.temporal_text): the frozen text path, trained on stills, carries the
     motion words at ~3% of its norm;
+  - `position`: every temporal block adds a learned embedding of its frame, row and column
+    (model.temporal.temporal_position), without which no block can place the object where a
+    motion word says;
   - `conv_spatial=3`: each temporal convolution has its own 3x3 spatial part, (2+1)D
     (model.temporal.temporal_conv_spatial; 1 = the paper's 3x1x1 next to the frozen 3x3);
   - `frame_correlation=0.5`: noise correlated across frames (PYoCo's mixed prior).
@@ -42,12 +46,15 @@ from ml_collections import ConfigDict
 
 from lumiere_jax.config import parse_config_arg
 
+# `text=true` (the switch before the reader had kinds) is the attention reader.
+_READERS = {"true": "attention", "false": "none"}
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
     arg = parse_config_arg(arg, smoke=False, steps=0, batch=4, sampling="all",
                            sampling_init="nearest", attention=True, channels=16,
-                           frame_correlation=0.0, text=False, conv_spatial=1, masked=False,
-                           init_from="", shift=0.0)
+                           frame_correlation=0.0, text="none", position=False,
+                           conv_spatial=1, masked=False, init_from="", shift=0.0)
     # The masked variant fine-tunes a trained STUNet; the plain one inflates the image model.
     init_from = arg.init_from or ("checkpoints/shapes_stunet" if arg.masked
                                   else "checkpoints/shapes_t2i")
@@ -78,14 +85,18 @@ def get_config(arg: str | None = None) -> ConfigDict:
                       temporal_sampling_init=arg.sampling_init, temporal_conv=True,
                       temporal_conv_spatial=arg.conv_spatial,
                       temporal_attention=arg.attention, temporal_head_dim=32,
-                      temporal_text=arg.text, cond_channels=4 if arg.masked else 0))
+                      temporal_text=_READERS.get(arg.text, arg.text),
+                      temporal_position=arg.position, cond_channels=4 if arg.masked else 0))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
                        loss_weighting="none", thresholding="dynamic",
                        frame_correlation=arg.frame_correlation,
                        shift=arg.shift,  # log-SNR shift; < 0 trains and samples noisier
                        # Training times' density: 'logit_normal' with time_logit_mean=4.4 trains
-                       # half the time below log-SNR -8, where only the caption places the object.
-                       time_distribution="uniform", time_logit_mean=0.0, time_logit_std=1.0)
+                       # half the time below log-SNR -8, where only the caption places the object;
+                       # time_uniform_fraction keeps that share of each batch uniform, without
+                       # which the model forgets the fine levels (README Stage 1, session 20).
+                       time_distribution="uniform", time_logit_mean=0.0, time_logit_std=1.0,
+                       time_uniform_fraction=0.0)
     c.train = dict(
         steps=steps, decay_steps=0, batch_size=arg.batch, lr=1e-3, end_lr_factor=0.1,
         warmup_steps=50,

@@ -170,6 +170,33 @@ def test_logit_normal_times_reach_the_loss_where_configured():
     assert abs(fractions["uniform"] - 0.0116) < 0.01
 
 
+def test_a_uniform_share_keeps_part_of_a_skewed_batch_everywhere():
+    """time_uniform_fraction=0.25 draws a quarter of each batch uniformly (evenly spread) and
+    the rest from the logit-normal density (evenly spread over its quantiles)."""
+    mean, std = 4.4, 1.0
+    t = np.asarray(losses.sample_times(jax.random.key(3), 64, True, "logit_normal", mean, std,
+                                       uniform_fraction=0.25), np.float64)
+    uniform_part, skewed_part = t[:16], t[16:]
+    np.testing.assert_allclose(np.diff(np.sort(uniform_part)), 1 / 16, atol=1e-5)
+    u = normal_cdf((np.log(skewed_part / (1 - skewed_part)) - mean) / std)
+    np.testing.assert_allclose(np.diff(np.sort(u)), 1 / 48, atol=1e-4)
+    assert (uniform_part < 0.5).sum() == 8 and (skewed_part < 0.5).sum() == 0
+    same = losses.sample_times(jax.random.key(3), 64, True, "logit_normal", mean, std)
+    all_skewed = losses.sample_times(jax.random.key(3), 64, True, "logit_normal", mean, std,
+                                     uniform_fraction=0.0)
+    np.testing.assert_array_equal(same, all_skewed)
+    everything = losses.sample_times(jax.random.key(3), 64, True, "uniform",
+                                     uniform_fraction=0.25)
+    np.testing.assert_allclose(np.diff(np.sort(everything)), 1 / 64, atol=1e-5)
+    _, aux = losses.diffusion_loss(
+        lambda z, logsnr, cond: z, uniform((64, 4), seed=0), None, jax.random.key(2),
+        Diffusion(time_distribution="logit_normal", time_logit_mean=mean,
+                  time_uniform_fraction=0.5))
+    assert int((np.asarray(aux["t"]) < 0.5).sum()) == 16  # the uniform half's lower half
+    with pytest.raises(ValueError, match="time_uniform_fraction is a share"):
+        Diffusion(time_uniform_fraction=1.5)
+
+
 def test_loss_target_noise_and_reduction():
     """The model sees z = alpha x0 + sigma eps and is scored against the right target."""
     x0 = uniform((4, 2, 3, 3, 1), seed=0)

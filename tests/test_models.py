@@ -206,11 +206,12 @@ def test_bad_configs_are_rejected():
 
 
 @pytest.mark.parametrize("still", [False, True])
-def test_text_pool_and_spatial_temporal_conv_keep_the_exact_init(still):
-    """The world's configs add a caption reader and (2+1)D temporal convs; at initialisation
-    the STUNet still equals the image model per frame (without temporal sampling), and on a
-    still video with it."""
-    options = dict(temporal_text=True, temporal_conv_spatial=3)
+@pytest.mark.parametrize("reader,position", [(True, False), ("sum", True)])
+def test_text_pool_and_spatial_temporal_conv_keep_the_exact_init(still, reader, position):
+    """The world's configs add a caption reader, (2+1)D temporal convs and a space-time
+    position embedding; at initialisation the STUNet still equals the image model per frame
+    (without temporal sampling), and on a still video with it."""
+    options = dict(temporal_text=reader, temporal_conv_spatial=3, temporal_position=position)
     model = _stunet(**options) if still else _stunet(temporal_sampling_levels=(), **options)
     x, logsnr, text, mask = _inputs(still=still)
     ref = _per_frame(model.unet, x, logsnr, text, mask)
@@ -219,10 +220,11 @@ def test_text_pool_and_spatial_temporal_conv_keep_the_exact_init(still):
     assert "spatial" in nnx.to_pure_dict(nnx.state(model.temporal.blocks["down_0_0"]))
 
 
-def test_temporal_text_pool_reads_single_words():
+@pytest.mark.parametrize("reader", [True, "attention", "sum"])
+def test_temporal_text_pool_reads_single_words(reader):
     """One changed token (e.g. 'left' -> 'right') moves the temporal layers' embedding by as
     much as a changed noise level does; padding tokens change nothing."""
-    model = STUNet(STUNetConfig(unet=UNET, temporal_text=True), rngs=nnx.Rngs(0))
+    model = STUNet(STUNetConfig(unet=UNET, temporal_text=reader), rngs=nnx.Rngs(0))
     emb = jax.random.normal(jax.random.key(4), (B, UNET.emb_dim))
     _, _, text, mask = _inputs()
     base = model.temporal.embed(emb, text, mask)
@@ -234,3 +236,51 @@ def test_temporal_text_pool_reads_single_words():
     np.testing.assert_array_equal(plain.temporal.embed(emb, text, mask), emb)
     with pytest.raises(ValueError, match="temporal_conv_spatial must be an odd"):
         STUNetConfig(unet=UNET, temporal_conv_spatial=2)
+    with pytest.raises(ValueError, match="temporal_text must be 'none', 'attention' or 'sum'"):
+        STUNetConfig(unet=UNET, temporal_text="mean")
+
+
+def test_the_summing_reader_does_not_dilute_a_word_by_the_caption_length():
+    """With the sum reader a changed word moves the embedding by the same vector in a caption
+    of 3 tokens and one of 5; the attention reader divides it among the tokens."""
+    emb = jnp.zeros((B, UNET.emb_dim))
+    _, _, text, _ = _inputs()
+    short = jnp.array([[1, 1, 1, 0, 0]] * B, bool)
+    long = jnp.ones((B, 5), bool)
+    changed = text.at[:, 1].set(-text[:, 1])
+    moves = {}
+    for reader in ("sum", "attention"):
+        model = STUNet(STUNetConfig(unet=UNET, temporal_text=reader), rngs=nnx.Rngs(0))
+        moves[reader] = [model.temporal.embed(emb, changed, m) - model.temporal.embed(emb, text, m)
+                         for m in (short, long)]
+    np.testing.assert_allclose(moves["sum"][0], moves["sum"][1], atol=1e-5)
+    assert float(jnp.abs(moves["sum"][0]).max()) > 0.1
+    ratio = jnp.linalg.norm(moves["attention"][1]) / jnp.linalg.norm(moves["attention"][0])
+    assert float(ratio) < 0.9  # attention: the same word moves a longer caption's pool less
+
+
+@pytest.mark.parametrize("kind", ["TemporalConv", "TemporalAttention"])
+def test_position_embedding_lets_temporal_blocks_tell_places_and_frames_apart(kind):
+    """On an activation that is the same at every pixel of every frame, a temporal block
+    without the position embedding can vary only at the borders (zero padding) and, for
+    attention, over frames (its frame encoding); with it, every pixel and frame differs."""
+    name = next(n for n, level, _ in block_names(UNET)
+                if (level == UNET.num_levels - 1) == (kind == "TemporalAttention"))
+    level, ch = next((lvl, c) for n, lvl, c in block_names(UNET) if n == name)
+    emb = jax.random.normal(jax.random.key(4), (B, UNET.emb_dim))
+    h = jnp.ones((B * T, HW >> level, HW >> level, ch))
+    outs = {}
+    for position in (False, True):
+        model = STUNet(STUNetConfig(unet=UNET, temporal_position=position), rngs=nnx.Rngs(0))
+        _randomise(model.temporal)
+        block = model.temporal.blocks[name]
+        assert type(block).__name__ == kind
+        outs[position] = model.temporal.after_block(name, h, emb).reshape(B, T, *h.shape[1:])
+    interior = lambda v: v[:, 2:-2, 1:-1, 1:-1]  # noqa: E731 (two temporal taps off the ends)
+    plain, placed = interior(outs[False]), interior(outs[True])
+    spread = lambda v, axis: float(jnp.abs(v - v.mean(axis, keepdims=True)).max())  # noqa: E731
+    assert spread(plain, (2, 3)) < 1e-5  # no pixel differs from another away from the borders
+    assert spread(placed, (2, 3)) > 1e-2
+    assert spread(placed, 1) > 1e-2
+    if kind == "TemporalConv":
+        assert spread(plain, 1) < 1e-5

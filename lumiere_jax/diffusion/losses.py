@@ -21,7 +21,7 @@ ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 def sample_times(rng: jax.Array, batch: int, low_discrepancy: bool,
                  distribution: str = "uniform", logit_mean: float = 0.0,
-                 logit_std: float = 1.0) -> jax.Array:
+                 logit_std: float = 1.0, uniform_fraction: float = 0.0) -> jax.Array:
     """Training times t in [0, 1): [batch] float32.
 
     low_discrepancy: one uniform u, then u_i = (u + i / batch) mod 1 (VDM, Kingma et al.
@@ -31,18 +31,28 @@ def sample_times(rng: jax.Array, batch: int, low_discrepancy: bool,
     noise levels around sigmoid(logit_mean); t near 1 is high noise. Drawn through the
     inverse CDF so a low-discrepancy batch stays evenly spread over the distribution's
     quantiles.
+    uniform_fraction: with 'logit_normal', the first round(uniform_fraction * batch) times
+    are drawn uniformly instead (each part low-discrepancy on its own): a density skewed far
+    to one end starves the other levels, which the model then forgets.
     """
-    if low_discrepancy:
-        u = jax.random.uniform(rng, (), jnp.float32)
-        u = jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
-    else:
-        u = jax.random.uniform(rng, (batch,), jnp.float32)
-    if distribution == "uniform":
-        return u
-    if distribution == "logit_normal":
-        return jax.nn.sigmoid(logit_mean + logit_std * jax.scipy.special.ndtri(u))
-    raise ValueError(f"sample_times: unknown distribution {distribution!r}; expected one of "
-                     f"{schedules.TIME_DISTRIBUTIONS}.")
+    if distribution not in schedules.TIME_DISTRIBUTIONS:
+        raise ValueError(f"sample_times: unknown distribution {distribution!r}; expected one "
+                         f"of {schedules.TIME_DISTRIBUTIONS}.")
+    n_uniform = batch if distribution == "uniform" else round(uniform_fraction * batch)
+    parts = []
+    for key, n, skewed in zip(jax.random.split(rng), (n_uniform, batch - n_uniform),
+                              (False, True)):
+        if n == 0:
+            continue
+        if low_discrepancy:
+            u = jax.random.uniform(key, (), jnp.float32)
+            u = jnp.mod(u + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
+        else:
+            u = jax.random.uniform(key, (n,), jnp.float32)
+        if skewed:
+            u = jax.nn.sigmoid(logit_mean + logit_std * jax.scipy.special.ndtri(u))
+        parts.append(u)
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def loss_weight(logsnr: jax.Array, config: Diffusion) -> jax.Array:
@@ -104,7 +114,8 @@ def diffusion_loss(
     batch = x0.shape[0]
     time_rng, noise_rng = jax.random.split(rng)
     t = sample_times(time_rng, batch, config.low_discrepancy_t, config.time_distribution,
-                     config.time_logit_mean, config.time_logit_std)
+                     config.time_logit_mean, config.time_logit_std,
+                     config.time_uniform_fraction)
     logsnr = config.logsnr(t)
     eps = config.noise(noise_rng, x0.shape).astype(x0.dtype)
     alpha, sigma = schedules.alpha_sigma(schedules.per_example(logsnr, x0))

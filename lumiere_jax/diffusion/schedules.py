@@ -208,6 +208,8 @@ class Diffusion:
         (losses.sample_times): puts more of training where the model must learn most, e.g.
         a mean of 4.4 draws half the times below log-SNR -8 on the default cosine schedule.
         Training only: samplers walk their own grid.
+      time_uniform_fraction: with 'logit_normal', the share of every batch still drawn
+        uniformly, so the levels the skewed density leaves out keep training (0: none).
       thresholding: one of THRESHOLDINGS, applied to every x0 estimate while sampling.
       dynamic_percentile: Imagen's p: the per-example quantile of |x0| used as the threshold.
       frame_correlation: for videos, the correlation of the noise between any two frames of
@@ -225,6 +227,7 @@ class Diffusion:
     time_distribution: str = "uniform"
     time_logit_mean: float = 0.0
     time_logit_std: float = 1.0
+    time_uniform_fraction: float = 0.0
     thresholding: str = "dynamic"
     dynamic_percentile: float = 0.995
     frame_correlation: float = 0.0
@@ -262,6 +265,11 @@ class Diffusion:
         if not self.time_logit_std > 0:
             raise ValueError(
                 f"Diffusion: time_logit_std must be > 0, got {self.time_logit_std}."
+            )
+        if not 0.0 <= self.time_uniform_fraction <= 1.0:
+            raise ValueError(
+                "Diffusion: time_uniform_fraction is a share of the batch in [0, 1], got "
+                f"{self.time_uniform_fraction}."
             )
         if not 0.0 <= self.frame_correlation < 1.0:
             raise ValueError(

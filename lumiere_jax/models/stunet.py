@@ -50,12 +50,25 @@ class STUNetConfig:
     # features, which equals zero-padding the frozen first convolution's input channels and
     # keeps the model unconditional until fine-tuned.
     cond_channels: int = 0
-    # The temporal layers' own reading of the caption (TemporalTextPool), added to the
-    # per-video embedding their FiLM sees. Off in the paper's design, whose T5 and spatial
-    # layers already know motion words; needed where the frozen text path never learned them.
-    temporal_text: bool = False
+    # The temporal layers' own reading of the caption, added to the per-video embedding their
+    # FiLM sees: "none" (the paper's design, whose T5 and spatial layers already know motion
+    # words), "attention" (TemporalTextPool; True is read as this) or "sum" (TemporalTextSum,
+    # every token's projection summed, so one word is not diluted by the caption's length).
+    temporal_text: str = "none"
+    # A learned embedding of each activation's place in the clip (frame, row, column; see
+    # SpaceTimePosition) added to every temporal block's input. The U-Net is translation
+    # equivariant and the frozen layers never place an object by a word, so without it the
+    # temporal layers cannot turn "moving left" into "on the right early, on the left late".
+    temporal_position: bool = False
 
     def __post_init__(self):
+        # Configs and exports written before the reader had a kind say True / False.
+        readers = {False: "none", True: "attention", "none": "none", "attention": "attention",
+                   "sum": "sum"}
+        if self.temporal_text not in readers:
+            raise ValueError("temporal_text must be 'none', 'attention' or 'sum', got "
+                             f"{self.temporal_text!r}")
+        object.__setattr__(self, "temporal_text", readers[self.temporal_text])
         if self.temporal_sampling_init not in ("nearest", "random"):
             raise ValueError("temporal_sampling_init must be 'nearest' or 'random', got "
                              f"{self.temporal_sampling_init!r}")
@@ -96,6 +109,45 @@ def _video(h: Array, b: int) -> Array:
     return h.reshape(b, bt // b, hh * ww, c)
 
 
+class SpaceTimePosition(nnx.Module):
+    """A learned embedding of where an activation is in the clip: sines and cosines of its
+    frame, row and column (each scaled to (0, 1) over the clip, so any frame count or size
+    works) through a small MLP, one vector of `channels` per (frame, row, column).
+
+    Added to a temporal block's normalised input, before the caption's FiLM scales it, so a
+    block can make a place-and-time pattern that depends on a word (an object on the right in
+    the first frames and on the left in the last ones for "moving left"), which a translation
+    equivariant U-Net fed with noise cannot. The block's output is zero at initialisation
+    whatever this adds, so the STUNet still starts as the image model.
+    """
+
+    frequencies = 3  # sin / cos of pi * k * coordinate, k = 1..3, for each of the 3 axes
+    hidden = 64
+
+    def __init__(self, channels: int, dtype, rngs: nnx.Rngs):
+        self.mlp_in = layers.Dense(6 * self.frequencies, self.hidden, (None, "embed"),
+                                   dtype=dtype, rngs=rngs)
+        self.mlp_out = layers.Dense(self.hidden, channels, ("embed", "conv_out"), dtype=dtype,
+                                    rngs=rngs)
+
+    def __call__(self, frames: int, height: int, width: int) -> Array:
+        """-> [frames, height, width, channels]."""
+        axes = [(jnp.arange(n, dtype=jnp.float32) + 0.5) / n for n in (frames, height, width)]
+        coords = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)  # [t, H, W, 3]
+        k = jnp.arange(1, self.frequencies + 1, dtype=jnp.float32)
+        angles = (jnp.pi * coords[..., None] * k).reshape(*coords.shape[:-1], -1)
+        feats = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        return self.mlp_out(jax.nn.silu(self.mlp_in(feats)))
+
+
+def _with_position(position: SpaceTimePosition | None, h: Array, b: int) -> Array:
+    """h [b * t, H, W, C] plus each frame's and pixel's position embedding (None: h)."""
+    if position is None:
+        return h
+    v = h.reshape(b, -1, *h.shape[1:])
+    return (v + position(*v.shape[1:4]).astype(h.dtype)[None]).reshape(h.shape)
+
+
 class TemporalConv(nnx.Module):
     """Residual (3x1x1) convolution over frames: each pixel mixes with its neighbours in time.
 
@@ -105,8 +157,9 @@ class TemporalConv(nnx.Module):
     """
 
     def __init__(self, channels: int, groups: int, emb_dim: int, dtype, rngs: nnx.Rngs,
-                 spatial: int = 1):
+                 spatial: int = 1, position: bool = False):
         self.norm1 = layers.GroupNorm(channels, groups, rngs=rngs)
+        self.position = SpaceTimePosition(channels, dtype, rngs) if position else None
         self.spatial = (layers.Conv2d(channels, channels, spatial, dtype=dtype, rngs=rngs)
                         if spatial > 1 else None)
         self.film = layers.Dense(emb_dim, 2 * channels, ("embed", "conv_out"), dtype=dtype,
@@ -128,7 +181,8 @@ class TemporalConv(nnx.Module):
 
     def __call__(self, h: Array, emb: Array) -> Array:
         b = emb.shape[0]
-        y = jax.nn.silu(layers.modulate(self.norm1(h), self.film(jax.nn.silu(emb))))
+        y = _with_position(self.position, self.norm1(h), b)
+        y = jax.nn.silu(layers.modulate(y, self.film(jax.nn.silu(emb))))
         if self.spatial is not None:
             y = self.spatial(y)
         y = self.conv1(self._taps(y, b))
@@ -139,9 +193,11 @@ class TemporalConv(nnx.Module):
 class TemporalAttention(nnx.Module):
     """Self-attention along the frame axis for every pixel (space folded into the batch)."""
 
-    def __init__(self, channels: int, head_dim: int, emb_dim: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, head_dim: int, emb_dim: int, dtype, rngs: nnx.Rngs,
+                 position: bool = False):
         self.heads = max(1, channels // head_dim)
         self.norm = layers.LayerNorm(channels, rngs=rngs)
+        self.position = SpaceTimePosition(channels, dtype, rngs) if position else None
         self.film = layers.Dense(emb_dim, 2 * channels, ("embed", "heads"), dtype=dtype,
                                  rngs=rngs)
         self.qkv = layers.Dense(channels, 3 * channels, ("embed", "heads"), dtype=dtype,
@@ -152,7 +208,8 @@ class TemporalAttention(nnx.Module):
 
     def __call__(self, h: Array, emb: Array) -> Array:
         b = emb.shape[0]
-        x = layers.modulate(self.norm(h), self.film(jax.nn.silu(emb)))  # as in TemporalConv
+        x = _with_position(self.position, self.norm(h), b)  # as in TemporalConv
+        x = layers.modulate(x, self.film(jax.nn.silu(emb)))
         x = _video(x, b)  # [b, t, HW, C]
         _, t, hw, c = x.shape
         x = x + layers.sinusoidal_embedding(jnp.arange(t), c)[None, :, None].astype(x.dtype)
@@ -190,6 +247,21 @@ class TemporalTextPool(nnx.Module):
         q = jnp.broadcast_to(self.query[...].astype(k.dtype), (b, 1, *self.query.shape))
         y = layers.attention(q, split(k), split(v), text_mask)  # [b, 1, heads, d]
         return self.out(y.reshape(b, -1))
+
+
+class TemporalTextSum(nnx.Module):
+    """The caption's T5 tokens, each projected on its own and summed into a per-video vector
+    for the temporal layers: a word adds the same vector to it in any caption, whatever the
+    caption's length, where attention pooling starts by averaging it with all the others."""
+
+    def __init__(self, text_dim: int, emb_dim: int, dtype, rngs: nnx.Rngs):
+        self.norm = layers.LayerNorm(text_dim, rngs=rngs)
+        self.proj = layers.Dense(text_dim, emb_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, text: Array, text_mask: Array) -> Array:
+        """text: [b, L, Dt], text_mask: [b, L] -> [b, emb_dim]."""
+        y = self.proj(self.norm(text))
+        return jnp.where(text_mask[..., None], y, 0.0).sum(axis=1)
 
 
 class TemporalDownsample(nnx.Module):
@@ -243,12 +315,20 @@ class TemporalLayers(nnx.Module):
         for name, level, ch in block_names(ucfg):
             if level == coarsest and cfg.temporal_attention:
                 self.blocks[name] = TemporalAttention(ch, cfg.temporal_head_dim, ucfg.emb_dim,
-                                                      dtype, rngs)
+                                                      dtype, rngs,
+                                                      position=cfg.temporal_position)
             elif level < coarsest and cfg.temporal_conv:
                 self.blocks[name] = TemporalConv(ch, ucfg.groups, ucfg.emb_dim, dtype, rngs,
-                                                 spatial=cfg.temporal_conv_spatial)
-        self.text_pool = (TemporalTextPool(ucfg.text_dim, ucfg.emb_dim, cfg.temporal_head_dim,
-                                           dtype, rngs) if cfg.temporal_text else None)
+                                                 spatial=cfg.temporal_conv_spatial,
+                                                 position=cfg.temporal_position)
+        readers = {
+            "none": lambda: None,
+            "attention": lambda: TemporalTextPool(ucfg.text_dim, ucfg.emb_dim,
+                                                  cfg.temporal_head_dim, dtype, rngs),
+            "sum": lambda: TemporalTextSum(ucfg.text_dim, ucfg.emb_dim, dtype, rngs),
+        }
+        # `text_pool`, whatever its kind, so exports of the attention reader keep their paths.
+        self.text_pool = readers[cfg.temporal_text]()
         self.cond_in = (layers.Conv2d(cfg.cond_channels, ucfg.channels, zero_init=True,
                                       dtype=dtype, rngs=rngs) if cfg.cond_channels else None)
         self.down = nnx.Dict()
