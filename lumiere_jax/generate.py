@@ -345,7 +345,7 @@ class Generator:
                           jax.random.wrap_key_data(rng), scale, low, batch_edit,
                           start_t=float(strength) if init is not None else 1.0,
                           use_guidance=bool(np.any(scales[i : i + n] != 1.0)),
-                          conditioning=conditioning if known is not None else "replace",
+                          conditioning=conditioning,
                           batch_mesh=mesh, resample=int(resample))
             out.append(to_uint8(local_value(x)[:n]))
             bar.update(len(out[-1]))
@@ -414,8 +414,12 @@ class Generator:
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got "
                              f"{conditioning!r}")
-        if conditioning == "replace" or not has_known:
+        if conditioning == "replace":
             return
+        if not has_known:  # nothing to show the model: refused, not quietly sampled plain
+            raise ValueError(f"conditioning={conditioning!r} shows the model the known pixels, "
+                             "and none were given: pass known and known_mask (image-to-video, "
+                             "inpainting) or leave conditioning at 'replace'")
         if not self.conditional:
             raise ValueError(f"conditioning={conditioning!r} needs a conditional STUNet (model."
                              "temporal.cond_channels=4, fine-tuned with masks: configs/"

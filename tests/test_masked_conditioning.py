@@ -192,6 +192,8 @@ def test_conditional_sampling_sees_the_known_pixels(conditional_export, plain_ex
                                conditioning="model")
     with pytest.raises(ValueError, match="conditioning must be one of"):
         editing.image_to_video(generator, image, PROMPT, [0], conditioning="guess")
+    with pytest.raises(ValueError, match="none were given"):  # no known pixels to show
+        generator([PROMPT], [0], conditioning="model")
 
 
 def test_region_sdedit_with_the_conditional_model_keeps_the_rest(conditional_export):
