@@ -188,6 +188,9 @@ def test_a_uniform_share_keeps_part_of_a_skewed_batch_everywhere():
     everything = losses.sample_times(jax.random.key(3), 64, True, "uniform",
                                      uniform_fraction=0.25)
     np.testing.assert_allclose(np.diff(np.sort(everything)), 1 / 64, atol=1e-5)
+    # An unmixed batch draws from the key itself, as before the share existed (same runs).
+    u0 = float(jax.random.uniform(jax.random.key(3), ()))
+    np.testing.assert_allclose(everything, np.mod(u0 + np.arange(64) / 64, 1.0), atol=1e-6)
     _, aux = losses.diffusion_loss(
         lambda z, logsnr, cond: z, uniform((64, 4), seed=0), None, jax.random.key(2),
         Diffusion(time_distribution="logit_normal", time_logit_mean=mean,

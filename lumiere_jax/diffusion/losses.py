@@ -39,11 +39,11 @@ def sample_times(rng: jax.Array, batch: int, low_discrepancy: bool,
         raise ValueError(f"sample_times: unknown distribution {distribution!r}; expected one "
                          f"of {schedules.TIME_DISTRIBUTIONS}.")
     n_uniform = batch if distribution == "uniform" else round(uniform_fraction * batch)
+    sizes = [(n, skewed) for n, skewed in ((n_uniform, False), (batch - n_uniform, True)) if n]
+    # One part draws from rng itself, so unmixed densities keep their random stream.
+    keys = [rng] if len(sizes) == 1 else list(jax.random.split(rng))
     parts = []
-    for key, n, skewed in zip(jax.random.split(rng), (n_uniform, batch - n_uniform),
-                              (False, True)):
-        if n == 0:
-            continue
+    for key, (n, skewed) in zip(keys, sizes):
         if low_discrepancy:
             u = jax.random.uniform(key, (), jnp.float32)
             u = jnp.mod(u + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
