@@ -46,9 +46,6 @@ from ml_collections import ConfigDict
 
 from lumiere_jax.config import parse_config_arg
 
-# `text=true` (the switch before the reader had kinds) is the attention reader.
-_READERS = {"true": "attention", "false": "none"}
-
 
 def get_config(arg: str | None = None) -> ConfigDict:
     arg = parse_config_arg(arg, smoke=False, steps=0, batch=4, sampling="all",
@@ -85,7 +82,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                       temporal_sampling_init=arg.sampling_init, temporal_conv=True,
                       temporal_conv_spatial=arg.conv_spatial,
                       temporal_attention=arg.attention, temporal_head_dim=32,
-                      temporal_text=_READERS.get(arg.text, arg.text),
+                      temporal_text=arg.text,
                       temporal_position=arg.position, cond_channels=4 if arg.masked else 0))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
                        loss_weighting="none", thresholding="dynamic",

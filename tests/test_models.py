@@ -220,7 +220,7 @@ def test_text_pool_and_spatial_temporal_conv_keep_the_exact_init(still, reader, 
     assert "spatial" in nnx.to_pure_dict(nnx.state(model.temporal.blocks["down_0_0"]))
 
 
-@pytest.mark.parametrize("reader", [True, "attention", "sum"])
+@pytest.mark.parametrize("reader", [True, "true", "attention", "sum"])
 def test_temporal_text_pool_reads_single_words(reader):
     """One changed token (e.g. 'left' -> 'right') moves the temporal layers' embedding by as
     much as a changed noise level does; padding tokens change nothing."""

@@ -62,9 +62,10 @@ class STUNetConfig:
     temporal_position: bool = False
 
     def __post_init__(self):
-        # Configs and exports written before the reader had a kind say True / False.
-        readers = {False: "none", True: "attention", "none": "none", "attention": "attention",
-                   "sum": "sum"}
+        # Configs and exports written before the reader had a kind say True / False (or, from
+        # the command line, "true" / "false").
+        readers = {False: "none", True: "attention", "false": "none", "true": "attention",
+                   "none": "none", "attention": "attention", "sum": "sum"}
         if self.temporal_text not in readers:
             raise ValueError("temporal_text must be 'none', 'attention' or 'sum', got "
                              f"{self.temporal_text!r}")
