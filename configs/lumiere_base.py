@@ -26,14 +26,22 @@ be given; shards from `lumiere data import`):
 
 Expected `lumiere plan` result (a v5p-128 slice: 64 chips, 95 GiB HBM each; the name counts
 TensorCores), about 20 s on a CPU, nothing allocated:
-  parameters 5,468,759,811: text_encoder 4,762,310,656 and net/unet 624,409,347 (frozen),
-  net/temporal 82,039,808 (trainable); 9.6e15 FLOPs per step (1.5e14 per chip);
-  per chip: frozen params 2.51 GiB, trainable params / gradients / EMA 0.04 GiB each, Adam
-  state 0.08 GiB, and 254 GiB of activations (saved residuals, an estimate) for its one clip:
+  parameters 5,509,694,211: text_encoder 4,762,310,656 and net/unet 624,409,347 (frozen),
+  net/temporal 122,974,208 (trainable); 9.6e15 FLOPs per step (1.5e14 per chip);
+  per chip: frozen params 2.51 GiB, trainable params / gradients / EMA 0.06 GiB each, Adam
+  state 0.12 GiB, and 260 GiB of activations (saved residuals, an estimate) for its one clip:
   REFUSED ("does not fit ... largest: activations"). Without rematerialisation every block's
   80x128x128 activations wait for the backward pass, and one clip per chip is the least a
-  data/fsdp mesh can give it, so this config needs the per-block remat policy (issue 5); the
-  estimate is traced, so it follows that policy once the models apply it.
+  data/fsdp mesh can give it. `--config.model.unet.remat=block` (each block keeps only its
+  input) brings them to 155 GiB at 1.16e16 FLOPs per step (the recomputed forward): still
+  refused. One clip's activations alone exceed a chip, so this slice needs shorter clips
+  (`:frames=`) or activations split across chips, which the estimate does not count (it
+  gives 155 GiB on data=4,fsdp=4,tensor=4 at batch 16 as well).
+  The stage-1 switches of configs/shapes_stunet.py are here too (model.temporal:
+  temporal_text, temporal_position, temporal_conv_spatial). `temporal_text=sum` with
+  `temporal_position=true` adds 5.5M trainable parameters and, with remat=block, 5.4 GiB of
+  activations per chip (160 GiB); the FLOPs per step stay 1.163e16 (the position embedding
+  is computed once per call, not per clip).
 
 Variants (`--config configs/lumiere_base.py:ARG`): key=value of batch, channels, frames.
 """
@@ -56,9 +64,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model = dict(
         kind="stunet",
         unet=dict(channels=arg.channels, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-                  attention_levels=(2, 3), head_dim=64, groups=32, dtype="bfloat16"),
+                  attention_levels=(2, 3), head_dim=64, groups=32, dtype="bfloat16",
+                  remat="none"),
         temporal=dict(temporal_sampling_levels=None, temporal_sampling_init="nearest",
-                      temporal_conv=True, temporal_attention=True, temporal_head_dim=64))
+                      temporal_conv=True, temporal_attention=True, temporal_head_dim=64,
+                      temporal_conv_spatial=1, temporal_text="none", temporal_position=False))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
                        loss_weighting="none", thresholding="dynamic",
                        time_distribution="uniform", time_logit_mean=0.0, time_logit_std=1.0,
