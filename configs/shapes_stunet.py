@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
         weight_decay=1e-4, grad_clip=1.0, ema_decay=0.995, cond_drop=0.1,
         trainable="^net/temporal/",  # frozen: the stage-0 U-Net and T5
         log_every=25, ckpt_every=250, sample_every=500, max_to_keep=2, keep_period=0,
+        # Logs the motion-word gap at log-SNR -8 and -4 (eval.motion_word_gaps): positive once
+        # the temporal layers read the motion word, long before samples move as captioned.
+        probe_every=500,
         grad_accum=1, preemption=True, progress=True)
     if arg.masked:  # one random mask per clip (diffusion/masks.py)
         c.train.mask_kinds = ("none", "first_frame", "box", "spatiotemporal", "border")
@@ -112,7 +115,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.eval = dict(num_samples=96, seed=1000)
     if arg.smoke:
         c.train.update(steps=4, decay_steps=6, batch_size=2, log_every=1, ckpt_every=2,
-                       sample_every=4, warmup_steps=1, progress=False)
+                       sample_every=4, probe_every=0, warmup_steps=1, progress=False)
         c.sample.update(steps=2, batch_size=8)
         c.eval.update(num_samples=4)
     return c

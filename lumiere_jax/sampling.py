@@ -18,13 +18,12 @@ from lumiere_jax.data.pipeline import world_from_config
 from lumiere_jax.data.synthetic import (
     ShapesSource,
     ShapesWorld,
-    caption_for,
-    opposite_motion,
     parse_caption,
 )
 from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import project_to_low_res
+from lumiere_jax.eval.motion_word import MOTION_PROBE_LOGSNRS, MotionWordProbe  # noqa: F401
 from lumiere_jax.eval.shapes import score_batch
 from lumiere_jax.generate import Generator, from_uint8, to_uint8
 from lumiere_jax.models.denoiser import build_denoiser
@@ -173,61 +172,14 @@ def ssr_one_step_psnr(generator, config: ConfigDict, truth: np.ndarray,
     return {f"{t:g}": vq.psnr(to_uint8(e), truth[:, :window]) for t, e in estimates.items()}
 
 
-MOTION_PROBE_LOGSNRS = (-8.0, -4.0, -2.0, 0.0, 2.0)
 MOTION_PROBE_CLIPS = 32  # `lumiere eval` probes at most this many (fewer if eval.num_samples)
 
 
 def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[str, float]]:
-    """Does the video model read the caption's motion word? For the first n moving clips of
-    the seen ('test') split, noised (the config's frame-correlated noise, one draw) to each
-    log-SNR of MOTION_PROBE_LOGSNRS: the MSE of the model's prediction of its target (v or
-    eps) with the clip's own caption ('true') and with the caption naming the opposite
-    motion ('opposite'), their difference ('gap', > 0 when the motion word helps) and the
-    fraction of clips on which the true caption gives the strictly lower error ('wins').
-    Keys are the log-SNRs.
-
-    A model that ignores the word has gap 0 and wins near 0.5 (exactly 0 when both captions
-    encode alike, as ties do not count). The gap a perfect model
-    reaches is largest at low log-SNR, where the caption is all it has to place the object
-    in each frame; a sampled clip moves as its caption says only if that gap is there.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    world = world_from_config(config)
-    source = ShapesSource(world, "test", max(8 * n, 64))
-    moving = (ex for ex in map(source.__getitem__, range(len(source)))
-              if ex["attrs"]["motion"] != "still")
-    clips = list(itertools.islice(moving, n))  # renders only until n are found
-    if not clips:
-        raise ValueError("motion_word_gaps needs a video world (num_frames > 1) with moving clips")
-    wrong = [caption_for({**ex["attrs"], "motion": opposite_motion(ex["attrs"]["motion"])})
-             for ex in clips]
-    x = jnp.asarray(from_uint8(np.stack([ex["video"] for ex in clips])))
-    diffusion = Diffusion.from_config(config.diffusion)
-    eps = diffusion.noise(jax.random.key(config.eval.seed), x.shape)
-    graphdef = generator.graphdef
-
-    @jax.jit
-    def errors(state, ids, mask, logsnr):  # per clip, in the model's target units
-        model = nnx.merge(graphdef, state)
-        alpha, sigma = schedules.alpha_sigma(logsnr)
-        prediction = model(alpha * x + sigma * eps, jnp.full((x.shape[0],), logsnr),
-                           model.encode_text(ids, mask))
-        target = schedules.prediction_from_x0_eps(diffusion.prediction, x, eps, logsnr)
-        return jnp.mean((prediction - target) ** 2, axis=(1, 2, 3, 4))
-
-    tokens = [generator.tokenizer.encode_batch(c, generator.max_length)
-              for c in ([ex["caption"] for ex in clips], wrong)]
-    out = {}
-    for logsnr in MOTION_PROBE_LOGSNRS:
-        true, opposite = (np.asarray(errors(generator.state, jnp.asarray(t.ids),
-                                            jnp.asarray(t.mask), jnp.float32(logsnr)))
-                          for t in tokens)
-        out[f"{logsnr:g}"] = {"true": float(true.mean()), "opposite": float(opposite.mean()),
-                              "gap": float((opposite - true).mean()),
-                              "wins": float(np.mean(true < opposite))}
-    return out
+    """The motion-word probe (eval.motion_word) of the generator's model on n moving clips of
+    the seen split, at each log-SNR of MOTION_PROBE_LOGSNRS."""
+    return MotionWordProbe(generator.graphdef, generator.tokenizer, generator.max_length,
+                           config, n)(generator.state)
 
 
 KNOWN_FRAME_LOGSNRS = (-8.0, -4.0, 0.0, 4.0)

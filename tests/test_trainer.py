@@ -11,7 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from lumiere_jax.config import load_config
+from lumiere_jax.config import ConfigError, load_config
+from lumiere_jax.diffusion.schedules import Diffusion
+from lumiere_jax.sampling import motion_word_gaps
+from lumiere_jax.text.tokenizers import make_tokenizer
 from lumiere_jax.train import trainer
 from lumiere_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 
@@ -144,11 +147,23 @@ def test_stage1_inflates_freezes_and_writes_frozen_weights_once(run_dir, tmp_pat
     export_model(image_model, load_config(SMOKE), str(export_dir), step=step, source="test")
     stage1 = "configs/shapes_stunet.py:smoke,channels=8"
     overrides = [f"init_from={export_dir}", "world.num_frames=8", "train.ckpt_every=1",
-                 "train.max_to_keep=2", "train.steps=3"]
+                 "train.max_to_keep=2", "train.probe_every=3", "train.steps=3"]
     work = tmp_path / "stunet"
     trainer.train(load_config(stage1, overrides), str(work))
     frozen_files = _tree_files(work / "frozen")
     assert frozen_files
+    # The motion-word probe logged at step 3 is `lumiere eval`'s, on that step's EMA weights.
+    with open(work / "metrics.csv") as f:
+        logged = next(r for r in csv.DictReader(f) if r["step"] == "3" and r["motion_word_gap/-8"])
+    model, _ = trainer.restore_model(load_config(stage1, overrides), str(work), 3)
+    config = load_config(stage1, overrides)
+    gaps = motion_word_gaps(trainer.make_generator(
+        model, config, Diffusion.from_config(config.diffusion),
+        make_tokenizer(config.text.tokenizer)), config, trainer.PROBE_CLIPS)
+    for logsnr in ("-8", "-4"):
+        assert float(logged[f"motion_word_gap/{logsnr}"]) == pytest.approx(
+            gaps[logsnr]["gap"], rel=1e-3, abs=1e-7)
+        assert float(logged[f"motion_word_wins/{logsnr}"]) == gaps[logsnr]["wins"]
     # Three more steps on resume: checkpoints rotate (max_to_keep=2), the frozen weights are
     # neither rewritten nor touched, and every retained step restores completely.
     trainer.train(load_config(stage1, overrides[:-1] + ["train.steps=6"]), str(work))
@@ -166,6 +181,16 @@ def test_stage1_inflates_freezes_and_writes_frozen_weights_once(run_dir, tmp_pat
             target = path.replace("net/", "net/unet/", 1) if path.startswith("net/") else path
             np.testing.assert_array_equal(params[target], value, err_msg=path)
         assert any(p.startswith("net/temporal/") for p in params)
+
+
+def test_the_motion_word_probe_is_refused_for_an_image_model(tmp_path):
+    config = load_config(SMOKE)
+    with config.unlocked():
+        config.train.probe_every = 2
+    with pytest.raises(ConfigError, match="probe_every=2 logs the motion-word probe of a "
+                                          "text-to-video STUNet; this is a 'unet' model"):
+        trainer.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_a_damaged_record_is_skipped_at_training_time(tmp_path):

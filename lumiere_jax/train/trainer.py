@@ -45,6 +45,7 @@ from lumiere_jax.diffusion.losses import diffusion_loss, drop_condition
 from lumiere_jax.diffusion.masks import MASK_KINDS, check_mask_kinds, masked_video, random_masks
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.diffusion.ssr import downsample_video, ssr_loss
+from lumiere_jax.eval.motion_word import MotionWordProbe
 from lumiere_jax.generate import Generator, from_uint8, sample_device_count
 from lumiere_jax.models.denoiser import Denoiser, build_denoiser, denoiser_builder
 from lumiere_jax.models.ssr import SSR
@@ -86,7 +87,11 @@ from lumiere_jax.train.preemption import PreemptionGuard
 
 # Keys that may change when a run is resumed (e.g. to train it for longer, or on another mesh).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                     "train.progress", "sample", "eval", "mesh")
+                     "train.probe_every", "train.progress", "sample", "eval", "mesh")
+# What train.probe_every logs: the motion-word gap where only the caption can place the object,
+# and where the noisy clip starts to show it (README "Stage 1").
+PROBE_LOGSNRS = (-8.0, -4.0)
+PROBE_CLIPS = 32
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -346,6 +351,17 @@ TRAIN_SCHEMA = {
 }
 
 
+def _check_probe(config: ConfigDict) -> None:
+    """train.probe_every (optional; 0: off) needs a text-to-video STUNet to probe."""
+    if "probe_every" not in config.train:
+        return
+    config_lib.validate_config(config, {"train.probe_every": config_lib.non_negative_int})
+    if config.train.probe_every and config.model.kind != "stunet":
+        raise config_lib.ConfigError(
+            f"train.probe_every={config.train.probe_every} logs the motion-word probe of a "
+            f"text-to-video STUNet; this is a {config.model.kind!r} model. Set it to 0.")
+
+
 def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
 
@@ -353,6 +369,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     """
     config_lib.validate_config(config, TRAIN_SCHEMA)
     train_cfg = config.train
+    _check_probe(config)
     mesh = make_mesh(config.get("mesh"))
     rules = mesh_rules(config.get("mesh"))
     per_device = check_batch(train_cfg.batch_size, mesh_sizes(mesh))
@@ -411,6 +428,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
     compiled, flops = None, 0.0
     generator = None  # built at the first sample grid
+    probe = None  # built at the first probe
     skipped = 0
     pending = None  # metrics of the step in flight: fetched after the next one is dispatched
     t0 = time.perf_counter()
@@ -457,6 +475,11 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                                    config, diffusion, tokenizer, mesh=mesh)
                     writer.write_images(step, "samples",
                                         preview(generator.with_params(state.ema, frozen), config))
+                if train_cfg.get("probe_every", 0) and step % train_cfg.probe_every == 0:
+                    if probe is None:
+                        probe = MotionWordProbe(graphdef, tokenizer, config.text.max_length,
+                                                config, PROBE_CLIPS, PROBE_LOGSNRS)
+                    writer.write_scalars(step, probe.scalars(state.ema, frozen))
             if pending is not None:
                 last = _log(writer, *pending, train_cfg, bar, t0, flops)
     finally:
