@@ -12,6 +12,9 @@ each a switch (README "Stage 1" has what they did):
   - `position`: every temporal block adds a learned embedding of its frame, row and column
     (model.temporal.temporal_position), without which no block can place the object where a
     motion word says;
+    `position_scale`: the embedding scales and shifts that input instead of adding to it
+    (model.temporal.temporal_position=scale), so the caption's FiLM times it gates the frozen
+    features (the object) by place;
   - `conv_spatial=3`: each temporal convolution has its own 3x3 spatial part, (2+1)D
     (model.temporal.temporal_conv_spatial; 1 = the paper's 3x1x1 next to the frozen 3x3);
   - `frame_correlation=0.5`: noise correlated across frames (PYoCo's mixed prior).
@@ -51,6 +54,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     arg = parse_config_arg(arg, smoke=False, steps=0, batch=4, sampling="all",
                            sampling_init="nearest", attention=True, channels=16,
                            frame_correlation=0.0, text="none", position=False,
+                           position_scale=False,
                            conv_spatial=1, masked=False, init_from="", shift=0.0)
     # The masked variant fine-tunes a trained STUNet; the plain one inflates the image model.
     init_from = arg.init_from or ("checkpoints/shapes_stunet" if arg.masked
@@ -83,7 +87,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                       temporal_conv_spatial=arg.conv_spatial,
                       temporal_attention=arg.attention, temporal_head_dim=32,
                       temporal_text=arg.text,
-                      temporal_position=arg.position, cond_channels=4 if arg.masked else 0))
+                      temporal_position="scale" if arg.position_scale else arg.position,
+                      cond_channels=4 if arg.masked else 0))
     c.diffusion = dict(prediction="v", logsnr_min=-20.0, logsnr_max=20.0,
                        loss_weighting="none", thresholding="dynamic",
                        frame_correlation=arg.frame_correlation,

@@ -206,7 +206,7 @@ def test_bad_configs_are_rejected():
 
 
 @pytest.mark.parametrize("still", [False, True])
-@pytest.mark.parametrize("reader,position", [(True, False), ("sum", True)])
+@pytest.mark.parametrize("reader,position", [(True, False), ("sum", True), ("sum", "scale")])
 def test_text_pool_and_spatial_temporal_conv_keep_the_exact_init(still, reader, position):
     """The world's configs add a caption reader, (2+1)D temporal convs and a space-time
     position embedding; at initialisation the STUNet still equals the image model per frame
@@ -259,6 +259,24 @@ def test_the_summing_reader_does_not_dilute_a_word_by_the_caption_length():
     assert float(ratio) < 0.9  # attention: the same word moves a longer caption's pool less
 
 
+def test_position_scale_mode_scales_and_shifts_each_place():
+    """temporal_position='scale': the embedding's first half scales the block's input per
+    frame and pixel, the second half shifts it, so a feature's effect depends on its place."""
+    from lumiere_jax.models.stunet import SpaceTimePosition, _with_position
+
+    position = SpaceTimePosition(8, jnp.float32, nnx.Rngs(0), "scale")
+    h = jax.random.normal(jax.random.key(1), (2 * 4, 3, 5, 8))
+    p = position(4, 3, 5)
+    assert p.shape == (4, 3, 5, 16)
+    expected = h.reshape(2, 4, 3, 5, 8) * (1 + p[..., :8]) + p[..., 8:]
+    np.testing.assert_allclose(_with_position(position, h, 2), expected.reshape(h.shape),
+                               rtol=1e-6)
+    assert STUNetConfig(unet=UNET, temporal_position=True).temporal_position == "add"
+    assert STUNetConfig(unet=UNET, temporal_position="false").temporal_position == "none"
+    with pytest.raises(ValueError, match="temporal_position must be 'none', 'add' or 'scale'"):
+        STUNetConfig(unet=UNET, temporal_position="gate")
+
+
 @pytest.mark.parametrize("kind", ["TemporalConv", "TemporalAttention"])
 def test_position_embedding_lets_temporal_blocks_tell_places_and_frames_apart(kind):
     """On an activation that is the same at every pixel of every frame, a temporal block
@@ -270,17 +288,18 @@ def test_position_embedding_lets_temporal_blocks_tell_places_and_frames_apart(ki
     emb = jax.random.normal(jax.random.key(4), (B, UNET.emb_dim))
     h = jnp.ones((B * T, HW >> level, HW >> level, ch))
     outs = {}
-    for position in (False, True):
+    for position in (False, True, "scale"):
         model = STUNet(STUNetConfig(unet=UNET, temporal_position=position), rngs=nnx.Rngs(0))
         _randomise(model.temporal)
         block = model.temporal.blocks[name]
         assert type(block).__name__ == kind
         outs[position] = model.temporal.after_block(name, h, emb).reshape(B, T, *h.shape[1:])
     interior = lambda v: v[:, 2:-2, 1:-1, 1:-1]  # noqa: E731 (two temporal taps off the ends)
-    plain, placed = interior(outs[False]), interior(outs[True])
+    plain = interior(outs[False])
     spread = lambda v, axis: float(jnp.abs(v - v.mean(axis, keepdims=True)).max())  # noqa: E731
     assert spread(plain, (2, 3)) < 1e-5  # no pixel differs from another away from the borders
-    assert spread(placed, (2, 3)) > 1e-2
-    assert spread(placed, 1) > 1e-2
+    for placed in (interior(outs[True]), interior(outs["scale"])):
+        assert spread(placed, (2, 3)) > 1e-2
+        assert spread(placed, 1) > 1e-2
     if kind == "TemporalConv":
         assert spread(plain, 1) < 1e-5

@@ -56,10 +56,13 @@ class STUNetConfig:
     # every token's projection summed, so one word is not diluted by the caption's length).
     temporal_text: str = "none"
     # A learned embedding of each activation's place in the clip (frame, row, column; see
-    # SpaceTimePosition) added to every temporal block's input. The U-Net is translation
+    # SpaceTimePosition) in every temporal block's input: "none", "add" (added to it; True is
+    # read as this) or "scale" (a per-place scale and shift of it). The U-Net is translation
     # equivariant and the frozen layers never place an object by a word, so without it the
     # temporal layers cannot turn "moving left" into "on the right early, on the left late".
-    temporal_position: bool = False
+    # "scale" multiplies the frozen features (which carry the object's colour and shape) by
+    # place, so that with the caption's FiLM one layer holds a word x place x feature term.
+    temporal_position: str = "none"
 
     def __post_init__(self):
         # Configs and exports written before the reader had a kind say True / False (or, from
@@ -70,6 +73,12 @@ class STUNetConfig:
             raise ValueError("temporal_text must be 'none', 'attention' or 'sum', got "
                              f"{self.temporal_text!r}")
         object.__setattr__(self, "temporal_text", readers[self.temporal_text])
+        positions = {False: "none", True: "add", "false": "none", "true": "add",
+                     "none": "none", "add": "add", "scale": "scale"}
+        if self.temporal_position not in positions:
+            raise ValueError("temporal_position must be 'none', 'add' or 'scale', got "
+                             f"{self.temporal_position!r}")
+        object.__setattr__(self, "temporal_position", positions[self.temporal_position])
         if self.temporal_sampling_init not in ("nearest", "random"):
             raise ValueError("temporal_sampling_init must be 'nearest' or 'random', got "
                              f"{self.temporal_sampling_init!r}")
@@ -115,24 +124,26 @@ class SpaceTimePosition(nnx.Module):
     frame, row and column (each scaled to (0, 1) over the clip, so any frame count or size
     works) through a small MLP, one vector of `channels` per (frame, row, column).
 
-    Added to a temporal block's normalised input, before the caption's FiLM scales it, so a
-    block can make a place-and-time pattern that depends on a word (an object on the right in
-    the first frames and on the left in the last ones for "moving left"), which a translation
-    equivariant U-Net fed with noise cannot. The block's output is zero at initialisation
-    whatever this adds, so the STUNet still starts as the image model.
+    Added to a temporal block's normalised input (mode "add"), or scaling and shifting it
+    (mode "scale"), before the caption's FiLM scales it, so a block can make a place-and-time
+    pattern that depends on a word (an object on the right in the first frames and on the left
+    in the last ones for "moving left"), which a translation equivariant U-Net fed with noise
+    cannot. The block's output is zero at initialisation whatever this does, so the STUNet
+    still starts as the image model.
     """
 
     frequencies = 3  # sin / cos of pi * k * coordinate, k = 1..3, for each of the 3 axes
     hidden = 64
 
-    def __init__(self, channels: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, dtype, rngs: nnx.Rngs, mode: str = "add"):
+        self.mode = mode  # "add": one vector per place; "scale": a scale and a shift
         self.mlp_in = layers.Dense(6 * self.frequencies, self.hidden, (None, "embed"),
                                    dtype=dtype, rngs=rngs)
-        self.mlp_out = layers.Dense(self.hidden, channels, ("embed", "conv_out"), dtype=dtype,
-                                    rngs=rngs)
+        self.mlp_out = layers.Dense(self.hidden, channels * (2 if mode == "scale" else 1),
+                                    ("embed", "conv_out"), dtype=dtype, rngs=rngs)
 
     def __call__(self, frames: int, height: int, width: int) -> Array:
-        """-> [frames, height, width, channels]."""
+        """-> [frames, height, width, channels] ("scale": 2 * channels, scale then shift)."""
         axes = [(jnp.arange(n, dtype=jnp.float32) + 0.5) / n for n in (frames, height, width)]
         coords = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)  # [t, H, W, 3]
         k = jnp.arange(1, self.frequencies + 1, dtype=jnp.float32)
@@ -142,11 +153,20 @@ class SpaceTimePosition(nnx.Module):
 
 
 def _with_position(position: SpaceTimePosition | None, h: Array, b: int) -> Array:
-    """h [b * t, H, W, C] plus each frame's and pixel's position embedding (None: h)."""
+    """h [b * t, H, W, C] with each frame's and pixel's position embedding added, or (mode
+    "scale") scaling and shifting it; None: h."""
     if position is None:
         return h
     v = h.reshape(b, -1, *h.shape[1:])
-    return (v + position(*v.shape[1:4]).astype(h.dtype)[None]).reshape(h.shape)
+    p = position(*v.shape[1:4]).astype(h.dtype)[None]
+    if position.mode == "scale":
+        scale, shift = jnp.split(p, 2, axis=-1)
+        return (v * (1 + scale) + shift).reshape(h.shape)
+    return (v + p).reshape(h.shape)
+
+
+def _position(mode: str, channels: int, dtype, rngs: nnx.Rngs) -> SpaceTimePosition | None:
+    return None if mode == "none" else SpaceTimePosition(channels, dtype, rngs, mode)
 
 
 class TemporalConv(nnx.Module):
@@ -158,9 +178,9 @@ class TemporalConv(nnx.Module):
     """
 
     def __init__(self, channels: int, groups: int, emb_dim: int, dtype, rngs: nnx.Rngs,
-                 spatial: int = 1, position: bool = False):
+                 spatial: int = 1, position: str = "none"):
         self.norm1 = layers.GroupNorm(channels, groups, rngs=rngs)
-        self.position = SpaceTimePosition(channels, dtype, rngs) if position else None
+        self.position = _position(position, channels, dtype, rngs)
         self.spatial = (layers.Conv2d(channels, channels, spatial, dtype=dtype, rngs=rngs)
                         if spatial > 1 else None)
         self.film = layers.Dense(emb_dim, 2 * channels, ("embed", "conv_out"), dtype=dtype,
@@ -195,10 +215,10 @@ class TemporalAttention(nnx.Module):
     """Self-attention along the frame axis for every pixel (space folded into the batch)."""
 
     def __init__(self, channels: int, head_dim: int, emb_dim: int, dtype, rngs: nnx.Rngs,
-                 position: bool = False):
+                 position: str = "none"):
         self.heads = max(1, channels // head_dim)
         self.norm = layers.LayerNorm(channels, rngs=rngs)
-        self.position = SpaceTimePosition(channels, dtype, rngs) if position else None
+        self.position = _position(position, channels, dtype, rngs)
         self.film = layers.Dense(emb_dim, 2 * channels, ("embed", "heads"), dtype=dtype,
                                  rngs=rngs)
         self.qkv = layers.Dense(channels, 3 * channels, ("embed", "heads"), dtype=dtype,
