@@ -65,20 +65,17 @@ class STUNetConfig:
     temporal_position: str = "none"
 
     def __post_init__(self):
-        # Configs and exports written before the reader had a kind say True / False (or, from
-        # the command line, "true" / "false").
-        readers = {False: "none", True: "attention", "false": "none", "true": "attention",
-                   "none": "none", "attention": "attention", "sum": "sum"}
-        if self.temporal_text not in readers:
-            raise ValueError("temporal_text must be 'none', 'attention' or 'sum', got "
-                             f"{self.temporal_text!r}")
-        object.__setattr__(self, "temporal_text", readers[self.temporal_text])
-        positions = {False: "none", True: "add", "false": "none", "true": "add",
-                     "none": "none", "add": "add", "scale": "scale"}
-        if self.temporal_position not in positions:
-            raise ValueError("temporal_position must be 'none', 'add' or 'scale', got "
-                             f"{self.temporal_position!r}")
-        object.__setattr__(self, "temporal_position", positions[self.temporal_position])
+        # Configs and exports written before these switches had kinds say True / False (or,
+        # from the command line, "true" / "false"): the first kind is False, the second True.
+        for name, kinds in (("temporal_text", ("none", "attention", "sum")),
+                            ("temporal_position", ("none", "add", "scale"))):
+            words = {False: kinds[0], "false": kinds[0], True: kinds[1], "true": kinds[1],
+                     **{k: k for k in kinds}}
+            value = getattr(self, name)
+            if value not in words:
+                raise ValueError(f"{name} must be {', '.join(map(repr, kinds[:-1]))} or "
+                                 f"{kinds[-1]!r}, got {value!r}")
+            object.__setattr__(self, name, words[value])
         if self.temporal_sampling_init not in ("nearest", "random"):
             raise ValueError("temporal_sampling_init must be 'nearest' or 'random', got "
                              f"{self.temporal_sampling_init!r}")
