@@ -240,6 +240,57 @@ def test_temporal_text_pool_reads_single_words(reader):
         STUNetConfig(unet=UNET, temporal_text="mean")
 
 
+def test_the_token_reader_reads_word_ids_and_keeps_the_exact_init():
+    """temporal_text='tokens': a learned vector per token id, summed; one changed id moves the
+    embedding by exactly the two words' difference, padding adds nothing, and the STUNet
+    still starts as the image model on every frame. Without the ids it says what it needs."""
+    x, logsnr, text, mask = _inputs()
+    ids = jnp.array([[5, 9, 2, 0, 0], [7, 3, 3, 11, 4]], jnp.int32)
+    model = _stunet(temporal_text="tokens", text_vocab=16, temporal_sampling_levels=())
+    emb = jax.random.normal(jax.random.key(4), (B, UNET.emb_dim))
+    table = model.temporal.text_pool.embedding[...]
+    base = model.temporal.embed(emb, text, mask, ids)
+    np.testing.assert_allclose(base[0], emb[0] + table[5] + table[9] + table[2], rtol=1e-6)
+    moved = model.temporal.embed(emb, text, mask, ids.at[0, 1].set(12)) - base
+    np.testing.assert_allclose(moved[0], table[12] - table[9], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(moved[1], 0.0)
+    np.testing.assert_array_equal(model.temporal.embed(emb, text, mask, ids.at[0, 4].set(8)),
+                                  base)  # a padding position
+    ref = _per_frame(model.unet, x, logsnr, text, mask)
+    np.testing.assert_allclose(model(x, logsnr, text, mask, text_ids=ids), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="temporal_text='tokens' reads the caption's token ids"):
+        model(x, logsnr, text, mask)
+    with pytest.raises(ValueError, match="temporal_text='tokens' needs text_vocab"):
+        STUNetConfig(unet=UNET, temporal_text="tokens")
+
+
+def test_the_token_reader_gives_the_motion_word_the_weight_the_summed_t5_reader_lacks():
+    """From the shipped stage-0 model, inflated as configs/shapes_stunet.py does: through the
+    summed T5 outputs ('sum') "left" -> "right" moves the temporal layers' embedding less than
+    a fifth as far as "red" -> "blue" (the frozen T5 never saw a motion word); read by token
+    ids, both moves are of one size (random vectors of the same scale)."""
+    from lumiere_jax.config import load_config
+    from lumiere_jax.models.denoiser import build_denoiser
+    from lumiere_jax.text.tokenizers import make_tokenizer
+    from lumiere_jax.train.export import inflate_from_export
+
+    caption = "a large red circle moving left on a black background"
+    captions = [caption, caption.replace("left", "right"), caption.replace("red", "blue")]
+    ratios = {}
+    for reader in ("sum", "tokens"):
+        config = load_config(f"configs/shapes_stunet.py:text={reader},position")
+        model = build_denoiser(config, nnx.Rngs(0))
+        inflate_from_export(model, config.init_from, r"$^")
+        t = make_tokenizer(config.text.tokenizer).encode_batch(captions, config.text.max_length)
+        cond = model.encode_text(jnp.asarray(t.ids), jnp.asarray(t.mask))
+        emb = model.net.unet.embed(jnp.full((3,), -8.0), cond["text"], cond["text_mask"])
+        hook = model.net.temporal.embed(emb, cond["text"], cond["text_mask"], cond["ids"])
+        ratios[reader] = float(jnp.linalg.norm(hook[1] - hook[0])
+                               / jnp.linalg.norm(hook[2] - hook[0]))
+    assert ratios["sum"] < 0.2, ratios
+    assert 0.5 < ratios["tokens"] < 2.0, ratios
+
+
 def test_the_summing_reader_does_not_dilute_a_word_by_the_caption_length():
     """With the sum reader a changed word moves the embedding by the same vector in a caption
     of 3 tokens and one of 5; the attention reader divides it among the tokens."""

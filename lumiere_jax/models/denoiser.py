@@ -52,7 +52,9 @@ class Denoiser(nnx.Module):
     def encode_text(self, ids: Array, mask: Array) -> dict[str, Array]:
         """Token ids [b, L] and mask [b, L] -> the condition pytree (padding zeroed)."""
         emb = self.text_encoder(ids, mask).astype(jnp.float32)
-        return {"text": jnp.where(mask[..., None], emb, 0.0), "text_mask": mask}
+        # The ids too: a STUNet's temporal_text="tokens" reader reads the words themselves.
+        return {"text": jnp.where(mask[..., None], emb, 0.0), "text_mask": mask,
+                "ids": jnp.where(mask, ids, 0)}
 
     def __call__(self, z: Array, logsnr: Array, cond: dict[str, Array]) -> Array:
         if isinstance(self.net, SSR):
@@ -62,8 +64,14 @@ class Denoiser(nnx.Module):
                                  f"besides the text; {missing} missing (got {sorted(cond)})")
             return self.net(z, logsnr, cond["text"], cond["text_mask"], cond["low_res"],
                             cond["aug_logsnr"])
-        if isinstance(self.net, STUNet) and self.net.cfg.cond_channels:
-            return self.net(z, logsnr, cond["text"], cond["text_mask"], cond.get("masked"))
+        if isinstance(self.net, STUNet):
+            if "masked" in cond and not self.net.cfg.cond_channels:
+                raise ValueError("cond has 'masked' (a masked video to condition on) but this "
+                                 "model has no conditioning input: use model.temporal."
+                                 "cond_channels=4 and fine-tune it with masks "
+                                 "(configs/shapes_stunet.py:masked)")
+            return self.net(z, logsnr, cond["text"], cond["text_mask"], cond.get("masked"),
+                            cond.get("ids"))
         if "masked" in cond:
             raise ValueError("cond has 'masked' (a masked video to condition on) but this model "
                              "has no conditioning input: use model.temporal.cond_channels=4 and "
@@ -71,8 +79,10 @@ class Denoiser(nnx.Module):
         return self.net(z, logsnr, cond["text"], cond["text_mask"])
 
 
-def net_config(model: ConfigDict, text_dim: int) -> UNetConfig | STUNetConfig | SSRConfig:
-    """The network config of `config.model` (kind 'unet', 'stunet' or 'ssr')."""
+def net_config(model: ConfigDict, text_dim: int, text_vocab: int = 0
+               ) -> UNetConfig | STUNetConfig | SSRConfig:
+    """The network config of `config.model` (kind 'unet', 'stunet' or 'ssr'); text_dim and
+    text_vocab are the text encoder's width and vocabulary size."""
     if model.kind not in MODEL_KINDS:
         raise ValueError(f"model.kind must be one of {MODEL_KINDS}, got {model.kind!r}")
     if model.kind == "ssr":
@@ -80,7 +90,7 @@ def net_config(model: ConfigDict, text_dim: int) -> UNetConfig | STUNetConfig | 
     unet = UNetConfig.from_dict({**model.unet.to_dict(), "text_dim": text_dim})
     if model.kind == "unet":
         return unet
-    return STUNetConfig(unet=unet, **model.temporal.to_dict())
+    return STUNetConfig(unet=unet, **{"text_vocab": text_vocab, **model.temporal.to_dict()})
 
 
 def _ssr_config(model: ConfigDict, text_dim: int) -> SSRConfig:
@@ -104,7 +114,7 @@ def build_denoiser(config: ConfigDict, rngs: nnx.Rngs) -> Denoiser:
     """The denoiser described by `config.text` and `config.model`, randomly initialised."""
     t5 = get_preset(config.text.preset)
     text_encoder = T5Encoder(t5, rngs=rngs)
-    cfg = net_config(config.model, t5.d_model)
+    cfg = net_config(config.model, t5.d_model, t5.vocab_size)
     if isinstance(cfg, UNetConfig):
         net = UNet(cfg, rngs=rngs)
     elif isinstance(cfg, SSRConfig):

@@ -52,9 +52,14 @@ class STUNetConfig:
     cond_channels: int = 0
     # The temporal layers' own reading of the caption, added to the per-video embedding their
     # FiLM sees: "none" (the paper's design, whose T5 and spatial layers already know motion
-    # words), "attention" (TemporalTextPool; True is read as this) or "sum" (TemporalTextSum,
-    # every token's projection summed, so one word is not diluted by the caption's length).
+    # words), "attention" (TemporalTextPool; True is read as this), "sum" (TemporalTextSum,
+    # every token's projection summed, so one word is not diluted by the caption's length) or
+    # "tokens" (TemporalTokenSum, a learned vector per token id, summed: it reads the words
+    # themselves, where the frozen T5 may not tell apart words it never saw).
     temporal_text: str = "none"
+    # The tokenizer's vocabulary size, for temporal_text="tokens" (build_denoiser sets it from
+    # the T5 config).
+    text_vocab: int = 0
     # A learned embedding of each activation's place in the clip (frame, row, column; see
     # SpaceTimePosition) in every temporal block's input: "none", "add" (added to it; True is
     # read as this) or "scale" (a per-place scale and shift of it). The U-Net is translation
@@ -67,7 +72,7 @@ class STUNetConfig:
     def __post_init__(self):
         # Configs and exports written before these switches had kinds say True / False (or,
         # from the command line, "true" / "false"): the first kind is False, the second True.
-        for name, kinds in (("temporal_text", ("none", "attention", "sum")),
+        for name, kinds in (("temporal_text", ("none", "attention", "sum", "tokens")),
                             ("temporal_position", ("none", "add", "scale"))):
             words = {False: kinds[0], "false": kinds[0], True: kinds[1], "true": kinds[1],
                      **{k: k for k in kinds}}
@@ -76,6 +81,9 @@ class STUNetConfig:
                 raise ValueError(f"{name} must be {', '.join(map(repr, kinds[:-1]))} or "
                                  f"{kinds[-1]!r}, got {value!r}")
             object.__setattr__(self, name, words[value])
+        if self.temporal_text == "tokens" and self.text_vocab < 1:
+            raise ValueError("temporal_text='tokens' needs text_vocab, the tokenizer's "
+                             f"vocabulary size (got {self.text_vocab})")
         if self.temporal_sampling_init not in ("nearest", "random"):
             raise ValueError("temporal_sampling_init must be 'nearest' or 'random', got "
                              f"{self.temporal_sampling_init!r}")
@@ -282,6 +290,24 @@ class TemporalTextSum(nnx.Module):
         return jnp.where(text_mask[..., None], y, 0.0).sum(axis=1)
 
 
+class TemporalTokenSum(nnx.Module):
+    """A learned vector per token id, summed over the caption into a per-video vector for the
+    temporal layers. The frozen T5 of the built-in world was trained on captions of stills,
+    which never name a motion, so its outputs for "left" and "right" barely differ: through
+    TemporalTextSum they move the temporal layers' embedding by a tenth of what a colour word
+    does (README "Stage 1"). Here every word starts as far from any other as two random
+    vectors, and padding adds nothing."""
+
+    def __init__(self, vocab: int, emb_dim: int, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(partitioned(nnx.initializers.normal(1.0), "vocab", "embed")(
+            rngs.params(), (vocab, emb_dim)))
+
+    def __call__(self, ids: Array, mask: Array) -> Array:
+        """ids, mask: [b, L] -> [b, emb_dim]."""
+        y = jnp.take(self.embedding[...], ids, axis=0)
+        return jnp.where(mask[..., None], y, 0.0).sum(axis=1)
+
+
 class TemporalDownsample(nnx.Module):
     """Halves the frames: out[i] = W0 x[2i] + W1 x[2i+1], initialised to the average."""
 
@@ -344,6 +370,7 @@ class TemporalLayers(nnx.Module):
             "attention": lambda: TemporalTextPool(ucfg.text_dim, ucfg.emb_dim,
                                                   cfg.temporal_head_dim, dtype, rngs),
             "sum": lambda: TemporalTextSum(ucfg.text_dim, ucfg.emb_dim, dtype, rngs),
+            "tokens": lambda: TemporalTokenSum(cfg.text_vocab, ucfg.emb_dim, rngs),
         }
         # `text_pool`, whatever its kind, so exports of the attention reader keep their paths.
         self.text_pool = readers[cfg.temporal_text]()
@@ -360,8 +387,17 @@ class TemporalLayers(nnx.Module):
                 ucfg.level_channels(level + 1), cfg.temporal_sampling_init, rngs)
 
     # The U-Net's Hooks protocol.
-    def embed(self, emb: Array, text: Array, text_mask: Array) -> Array:
-        return emb if self.text_pool is None else emb + self.text_pool(text, text_mask)
+    def embed(self, emb: Array, text: Array, text_mask: Array,
+              text_ids: Array | None = None) -> Array:
+        if self.text_pool is None:
+            return emb
+        if isinstance(self.text_pool, TemporalTokenSum):
+            if text_ids is None:
+                raise ValueError("temporal_text='tokens' reads the caption's token ids: call the "
+                                 "STUNet with text_ids (Denoiser.encode_text puts them in "
+                                 "cond['ids'])")
+            return emb + self.text_pool(text_ids, text_mask)
+        return emb + self.text_pool(text, text_mask)
 
     def after_block(self, name: str, h: Array, emb: Array) -> Array:
         return self.blocks[name](h, emb) if name in self.blocks else h
@@ -373,6 +409,20 @@ class TemporalLayers(nnx.Module):
         return self.up[name](h, b) if name in self.up else h
 
 
+class _WithTokenIds:
+    """The temporal layers as the U-Net's hooks, with this call's token ids for their reader
+    (the U-Net's embed hook passes the T5 outputs only)."""
+
+    def __init__(self, temporal: TemporalLayers, text_ids: Array | None):
+        self.temporal, self.text_ids = temporal, text_ids
+
+    def embed(self, emb: Array, text: Array, text_mask: Array) -> Array:
+        return self.temporal.embed(emb, text, text_mask, self.text_ids)
+
+    def __getattr__(self, name: str):  # after_block, downsample, upsample
+        return getattr(self.temporal, name)
+
+
 class STUNet(nnx.Module):
     """Denoises a whole clip at once: x: [b, t, H, W, C] -> [b, t, H, W, out_channels]."""
 
@@ -382,9 +432,10 @@ class STUNet(nnx.Module):
         self.temporal = TemporalLayers(cfg, rngs=rngs)
 
     def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array,
-                 cond_video: Array | None = None) -> Array:
+                 cond_video: Array | None = None, text_ids: Array | None = None) -> Array:
         """cond_video: [b, t, H, W, cond_channels] for a model with cond_channels (None: all
-        zeros, i.e. nothing known); must be None otherwise."""
+        zeros, i.e. nothing known); must be None otherwise. text_ids: the caption's token ids
+        [b, L], which temporal_text="tokens" reads (the other readers read `text`)."""
         b, t = x.shape[:2]
         self.cfg.check_frames(t)
         residual = None
@@ -400,5 +451,5 @@ class STUNet(nnx.Module):
             raise ValueError("this STUNet has no conditioning input (model.temporal."
                              "cond_channels=0); use a model fine-tuned with masks")
         out = self.unet(x.reshape(b * t, *x.shape[2:]), logsnr, text, text_mask,
-                        hooks=self.temporal, input_residual=residual)
+                        hooks=_WithTokenIds(self.temporal, text_ids), input_residual=residual)
         return out.reshape(b, t, *out.shape[1:])
