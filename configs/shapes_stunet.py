@@ -5,10 +5,11 @@ from the stage-0 export (`init_from`) and stay frozen (bit-identical); only `net
 (temporal convolutions at 32x32 and 16x16, temporal attention at 8x8, temporal down/up-sampling
 initialised to averaging / repeating) is trained. Four choices beyond the paper's recipe,
 each a switch (README "Stage 1" has what they did):
-  - `text=attention` (or `true`) / `text=sum`: the temporal layers read the caption
-    through their own attention pooling or sum of token projections
-    (model.temporal.temporal_text): the frozen text path, trained on stills, carries the
-    motion words at ~3% of its norm;
+  - `text=attention` (or `true`) / `text=sum` / `text=tokens`: the temporal layers read the
+    caption through their own attention pooling, sum of T5 token projections, or sum of a
+    learned vector per token id (model.temporal.temporal_text): the frozen text path, trained
+    on stills, carries the motion words at ~3% of its norm, and even the summed T5 outputs
+    move less for "left" -> "right" than for "red" -> "blue" by a factor of six;
   - `position`: every temporal block adds a learned embedding of its frame, row and column
     (model.temporal.temporal_position), without which no block can place the object where a
     motion word says;
