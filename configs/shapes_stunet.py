@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
         weight_decay=1e-4, grad_clip=1.0, ema_decay=0.995, cond_drop=0.1,
         trainable="^net/temporal/",  # frozen: the stage-0 U-Net and T5
         log_every=25, ckpt_every=250, sample_every=500, max_to_keep=2, keep_period=0,
-        # Logs the motion-word gap at log-SNR -8 and -4 (eval.motion_word_gaps): positive once
+        # Logs the motion-word gap at log-SNR -8 and -4 (eval/motion_word.py): positive once
         # the temporal layers read the motion word, long before samples move as captioned.
         probe_every=500,
         grad_accum=1, preemption=True, progress=True)

@@ -58,7 +58,6 @@ class MotionWordProbe:
         self.ids = jnp.asarray(np.stack([t.ids for t in tokens]))  # [2, n, L]: true, opposite
         self.mask = jnp.asarray(np.stack([t.mask for t in tokens]))
         self.logsnrs = tuple(float(v) for v in logsnrs)
-        self.num_clips = len(clips)
         diffusion = Diffusion.from_config(config.diffusion)
         x = jnp.asarray(from_uint8(np.stack([ex["video"] for ex in clips])))
         eps = diffusion.noise(jax.random.key(config.eval.seed), x.shape)

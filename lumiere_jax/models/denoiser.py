@@ -34,7 +34,8 @@ SSR_COND_KEYS = ("low_res", "aug_logsnr")
 
 
 class Denoiser(nnx.Module):
-    """(z, logsnr, cond) -> prediction, with cond = {'text': [b, L, d], 'text_mask': [b, L]}.
+    """(z, logsnr, cond) -> prediction, with cond = {'text': [b, L, d], 'text_mask': [b, L],
+    'ids': [b, L]} (the ids are read by a STUNet's temporal_text="tokens" only).
 
     For the SSR, cond also holds 'low_res': [b, t, H/scale, W/scale, 3], the (augmented)
     low-resolution video, and 'aug_logsnr': [b], the log-SNR of its augmentation noise
@@ -64,18 +65,14 @@ class Denoiser(nnx.Module):
                                  f"besides the text; {missing} missing (got {sorted(cond)})")
             return self.net(z, logsnr, cond["text"], cond["text_mask"], cond["low_res"],
                             cond["aug_logsnr"])
-        if isinstance(self.net, STUNet):
-            if "masked" in cond and not self.net.cfg.cond_channels:
-                raise ValueError("cond has 'masked' (a masked video to condition on) but this "
-                                 "model has no conditioning input: use model.temporal."
-                                 "cond_channels=4 and fine-tune it with masks "
-                                 "(configs/shapes_stunet.py:masked)")
-            return self.net(z, logsnr, cond["text"], cond["text_mask"], cond.get("masked"),
-                            cond.get("ids"))
-        if "masked" in cond:
+        is_stunet = isinstance(self.net, STUNet)
+        if "masked" in cond and not (is_stunet and self.net.cfg.cond_channels):
             raise ValueError("cond has 'masked' (a masked video to condition on) but this model "
                              "has no conditioning input: use model.temporal.cond_channels=4 and "
                              "fine-tune it with masks (configs/shapes_stunet.py:masked)")
+        if is_stunet:
+            return self.net(z, logsnr, cond["text"], cond["text_mask"], cond.get("masked"),
+                            cond.get("ids"))
         return self.net(z, logsnr, cond["text"], cond["text_mask"])
 
 

@@ -294,7 +294,7 @@ class TemporalTokenSum(nnx.Module):
     """A learned vector per token id, summed over the caption into a per-video vector for the
     temporal layers. The frozen T5 of the built-in world was trained on captions of stills,
     which never name a motion, so its outputs for "left" and "right" barely differ: through
-    TemporalTextSum they move the temporal layers' embedding by a tenth of what a colour word
+    TemporalTextSum they move the temporal layers' embedding by a sixth of what a colour word
     does (README "Stage 1"). Here every word starts as far from any other as two random
     vectors, and padding adds nothing."""
 
