@@ -34,8 +34,8 @@ SSR_COND_KEYS = ("low_res", "aug_logsnr")
 
 
 class Denoiser(nnx.Module):
-    """(z, logsnr, cond) -> prediction, with cond = {'text': [b, L, d], 'text_mask': [b, L],
-    'ids': [b, L]} (the ids are read by a STUNet's temporal_text="tokens" only).
+    """(z, logsnr, cond) -> prediction, with cond = {'text': [b, L, d], 'text_mask': [b, L]}
+    (and 'ids': [b, L] for a STUNet whose temporal_text="tokens" reads them).
 
     For the SSR, cond also holds 'low_res': [b, t, H/scale, W/scale, 3], the (augmented)
     low-resolution video, and 'aug_logsnr': [b], the log-SNR of its augmentation noise
@@ -53,9 +53,10 @@ class Denoiser(nnx.Module):
     def encode_text(self, ids: Array, mask: Array) -> dict[str, Array]:
         """Token ids [b, L] and mask [b, L] -> the condition pytree (padding zeroed)."""
         emb = self.text_encoder(ids, mask).astype(jnp.float32)
-        # The ids too: a STUNet's temporal_text="tokens" reader reads the words themselves.
-        return {"text": jnp.where(mask[..., None], emb, 0.0), "text_mask": mask,
-                "ids": jnp.where(mask, ids, 0)}
+        cond = {"text": jnp.where(mask[..., None], emb, 0.0), "text_mask": mask}
+        if isinstance(self.net, STUNet) and self.net.cfg.temporal_text == "tokens":
+            cond["ids"] = jnp.where(mask, ids, 0)  # this reader reads the words themselves
+        return cond
 
     def __call__(self, z: Array, logsnr: Array, cond: dict[str, Array]) -> Array:
         if isinstance(self.net, SSR):
