@@ -236,7 +236,8 @@ def test_temporal_text_pool_reads_single_words(reader):
     np.testing.assert_array_equal(plain.temporal.embed(emb, text, mask), emb)
     with pytest.raises(ValueError, match="temporal_conv_spatial must be an odd"):
         STUNetConfig(unet=UNET, temporal_conv_spatial=2)
-    with pytest.raises(ValueError, match="temporal_text must be 'none', 'attention' or 'sum'"):
+    with pytest.raises(ValueError,
+                       match="temporal_text must be 'none', 'attention', 'sum' or 'tokens'"):
         STUNetConfig(unet=UNET, temporal_text="mean")
 
 

@@ -15,7 +15,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from lumiere_jax import sweep as sweep_lib
 from lumiere_jax.config import ConfigError, load_config
@@ -74,6 +76,17 @@ def _snapshot(folders: list[Path]) -> dict[str, tuple[str, int]]:
             files[f"{folder.name}/{path.name}"] = (hashlib.sha256(path.read_bytes()).hexdigest(),
                                                    path.stat().st_mtime_ns)
     return files
+
+
+def _assert_same_sample(a: Path, b: Path) -> None:
+    """One item's sample from two runs. The killed run had one device and these tests have
+    eight; as the sweep's docstring says, XLA may round a float's last bit differently in a
+    program compiled for another device count, which can move a rare pixel by one level (on an
+    AVX2-only CPU, one value of 3072 in one item of 12)."""
+    x, y = (np.asarray(Image.open(path), np.int16) for path in (a, b))
+    assert x.shape == y.shape
+    diff = np.abs(x - y)
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 4, (a, b, diff.max())
 
 
 def _item_folders(out: Path) -> list[Path]:
@@ -136,13 +149,12 @@ def test_killed_sweep_resumes_exactly(resumed):
 def test_batching_is_exact_and_adoption_rewrites_nothing(resumed, tmp_path):
     """The killed-and-resumed items, sampled one per call, equal the same items sampled 12 per
     call; a folder the manifest missed is adopted as it is; staging debris is removed; a torn
-    last manifest line is dropped; a lost item is sampled again, bit-identical."""
+    last manifest line is dropped; a lost item is sampled again, the same."""
     batched = tmp_path / "batched"
     summary = sweep_lib.run_sweep(_config("batch_size=12"), str(batched), progress=False)
     assert summary["done_now"] == 12
     for folder in _item_folders(resumed["out"]):
-        assert (folder / "sample.png").read_bytes() == \
-            (batched / "items" / folder.name / "sample.png").read_bytes()
+        _assert_same_sample(folder / "sample.png", batched / "items" / folder.name / "sample.png")
 
     out = tmp_path / "copy"
     shutil.copytree(resumed["out"], out, copy_function=shutil.copy2)
@@ -151,7 +163,8 @@ def test_batching_is_exact_and_adoption_rewrites_nothing(resumed, tmp_path):
     lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
     kept = [line for line in lines if json.loads(line)["id"] not in (adopted, lost)]
     (out / "manifest.jsonl").write_text("".join(kept) + '{"id": "000')  # killed mid-append
-    lost_png = (out / "items" / lost / "sample.png").read_bytes()
+    lost_png = tmp_path / "lost.png"
+    shutil.copy(out / "items" / lost / "sample.png", lost_png)
     shutil.rmtree(out / "items" / lost)
     stale = [out / "items" / f".tmp-{lost}-999999", out / "items" / f".tmp-{adopted}-1"]
     for folder in stale:
@@ -163,7 +176,7 @@ def test_batching_is_exact_and_adoption_rewrites_nothing(resumed, tmp_path):
     assert (summary["done_now"], summary["adopted"], summary["removed"]) == (1, 1, 2)
     assert summary["skipped"] == 11
     assert _snapshot([out / "items" / adopted]) == before
-    assert (out / "items" / lost / "sample.png").read_bytes() == lost_png
+    _assert_same_sample(out / "items" / lost / "sample.png", lost_png)
     assert not any(folder.exists() for folder in stale)
     ids = _manifest_ids(out)
     assert len(ids) == len(set(ids)) == 12 and set(ids) == {i["id"] for i in items}
@@ -329,8 +342,7 @@ def test_processes_split_the_items(resumed, tmp_path):
     ids = _manifest_ids(out)
     assert ids[:6] == [i["id"] for i in sweep_lib.expand_items(_config())[::2]]
     assert sorted(ids) == [p.name for p in _item_folders(resumed["out"])]
-    for folder in _item_folders(resumed["out"]):  # the same bytes as one process sampled
-        assert (folder / "sample.png").read_bytes() == \
-            (out / "items" / folder.name / "sample.png").read_bytes()
+    for folder in _item_folders(resumed["out"]):  # the same samples as one process made
+        _assert_same_sample(folder / "sample.png", out / "items" / folder.name / "sample.png")
     with pytest.raises(ValueError, match="process_index 2 is not in"):
         sweep_lib.run_sweep(_config(), str(out), process_index=2, process_count=2)
