@@ -147,11 +147,11 @@ def test_gradient_accumulation_averages_the_microbatch_gradients():
 
     loss_fn = trainer.make_loss_fn(graphdef, diffusion, config.train, null)
     step_rng = jax.random.fold_in(rng, 0)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # eager ops took minutes
     losses, grads = [], []
     for i in range(2):
         micro = jax.tree.map(lambda x: x[i::2], batch)
-        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, frozen, micro, jax.random.fold_in(step_rng, i))
+        (loss, _), g = grad_fn(params, frozen, micro, jax.random.fold_in(step_rng, i))
         losses.append(float(loss))
         grads.append(g)
     mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
