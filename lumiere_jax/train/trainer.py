@@ -469,17 +469,26 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                                     "resume", step, workdir)
                     last["preempted_at"] = step
                     break
-                if train_cfg.sample_every and step % train_cfg.sample_every == 0:
-                    if generator is None:
-                        generator = make_generator(nnx.merge(graphdef, state.ema, frozen),
-                                                   config, diffusion, tokenizer, mesh=mesh)
-                    writer.write_images(step, "samples",
-                                        preview(generator.with_params(state.ema, frozen), config))
-                if train_cfg.get("probe_every", 0) and step % train_cfg.probe_every == 0:
-                    if probe is None:
-                        probe = MotionWordProbe(graphdef, tokenizer, config.text.max_length,
-                                                config, PROBE_CLIPS, PROBE_LOGSNRS)
-                    writer.write_scalars(step, probe.scalars(state.ema, frozen))
+                sample_now = train_cfg.sample_every and step % train_cfg.sample_every == 0
+                probe_now = (train_cfg.get("probe_every", 0)
+                             and step % train_cfg.probe_every == 0)
+                if sample_now or probe_now:
+                    # Off the step clock (step_time_s, examples_per_s, flops_per_s): the step
+                    # in flight finishes first, so its own compute stays on it.
+                    jax.block_until_ready(state)
+                    aside = time.perf_counter()
+                    if sample_now:
+                        if generator is None:
+                            generator = make_generator(nnx.merge(graphdef, state.ema, frozen),
+                                                       config, diffusion, tokenizer, mesh=mesh)
+                        writer.write_images(step, "samples", preview(
+                            generator.with_params(state.ema, frozen), config))
+                    if probe_now:
+                        if probe is None:
+                            probe = MotionWordProbe(graphdef, tokenizer, config.text.max_length,
+                                                    config, PROBE_CLIPS, PROBE_LOGSNRS)
+                        writer.write_scalars(step, probe.scalars(state.ema, frozen))
+                    t0 += time.perf_counter() - aside
             if pending is not None:
                 last = _log(writer, *pending, train_cfg, bar, t0, flops)
     finally:
