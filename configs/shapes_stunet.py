@@ -108,7 +108,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
         log_every=25, ckpt_every=250, sample_every=500, max_to_keep=2, keep_period=0,
         # Logs the motion-word gap at log-SNR -8 and -4 (eval/motion_word.py): positive once
         # the temporal layers read the motion word, long before samples move as captioned.
-        probe_every=500,
+        # Its true-caption error at (0, 2), if added, shows whether the fine levels are learned.
+        probe_every=500, probe_logsnrs=(-8.0, -4.0),
         grad_accum=1, preemption=True, progress=True)
     if arg.masked:  # one random mask per clip (diffusion/masks.py)
         c.train.mask_kinds = ("none", "first_frame", "box", "spatiotemporal", "border")

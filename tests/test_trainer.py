@@ -147,7 +147,8 @@ def test_stage1_inflates_freezes_and_writes_frozen_weights_once(run_dir, tmp_pat
     export_model(image_model, load_config(SMOKE), str(export_dir), step=step, source="test")
     stage1 = "configs/shapes_stunet.py:smoke,channels=8"
     overrides = [f"init_from={export_dir}", "world.num_frames=8", "train.ckpt_every=1",
-                 "train.max_to_keep=2", "train.probe_every=3", "train.steps=3"]
+                 "train.max_to_keep=2", "train.probe_every=3", "train.probe_logsnrs=(-8,-4,2)",
+                 "train.steps=3"]
     work = tmp_path / "stunet"
     trainer.train(load_config(stage1, overrides), str(work))
     frozen_files = _tree_files(work / "frozen")
@@ -160,10 +161,13 @@ def test_stage1_inflates_freezes_and_writes_frozen_weights_once(run_dir, tmp_pat
     gaps = motion_word_gaps(trainer.make_generator(
         model, config, Diffusion.from_config(config.diffusion),
         make_tokenizer(config.text.tokenizer)), config, trainer.PROBE_CLIPS)
-    for logsnr in ("-8", "-4"):
+    assert "motion_word_gap/0" not in logged  # only the levels asked for
+    for logsnr in ("-8", "-4", "2"):
         assert float(logged[f"motion_word_gap/{logsnr}"]) == pytest.approx(
             gaps[logsnr]["gap"], rel=1e-3, abs=1e-7)
         assert float(logged[f"motion_word_wins/{logsnr}"]) == gaps[logsnr]["wins"]
+        assert float(logged[f"motion_word_true/{logsnr}"]) == pytest.approx(
+            gaps[logsnr]["true"], rel=1e-5)
     # Three more steps on resume: checkpoints rotate (max_to_keep=2), the frozen weights are
     # neither rewritten nor touched, and every retained step restores completely.
     trainer.train(load_config(stage1, overrides[:-1] + ["train.steps=6"]), str(work))
@@ -183,7 +187,7 @@ def test_stage1_inflates_freezes_and_writes_frozen_weights_once(run_dir, tmp_pat
         assert any(p.startswith("net/temporal/") for p in params)
 
 
-def test_the_motion_word_probe_is_refused_for_an_image_model(tmp_path):
+def test_the_motion_word_probe_is_refused_for_an_image_model_or_bad_levels(tmp_path):
     config = load_config(SMOKE)
     with config.unlocked():
         config.train.probe_every = 2
@@ -191,6 +195,13 @@ def test_the_motion_word_probe_is_refused_for_an_image_model(tmp_path):
                                           "text-to-video STUNet; this is a 'unet' model"):
         trainer.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # refused before anything is written
+    config = load_config("configs/shapes_stunet.py:smoke", ["train.probe_logsnrs=()"])
+    with pytest.raises(ConfigError, match="train.probe_logsnrs = \\(\\): must not be empty"):
+        trainer.train(config, str(tmp_path / "run"))
+    config = load_config("configs/shapes_stunet.py:smoke", ["train.probe_logsnrs=(-8,99)"])
+    with pytest.raises(ConfigError,
+                       match=r"probe_logsnrs.*element 1 \(99.0\) must be in \[-30, 30\]"):
+        trainer.train(config, str(tmp_path / "run"))
 
 
 def test_a_damaged_record_is_skipped_at_training_time(tmp_path):

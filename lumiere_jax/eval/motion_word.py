@@ -92,6 +92,8 @@ class MotionWordProbe:
         return out
 
     def scalars(self, *states: nnx.State) -> dict[str, float]:
-        """The same as flat metrics: motion_word_gap/-8, motion_word_wins/-8, ..."""
+        """The same as flat metrics: motion_word_gap/-8, motion_word_wins/-8,
+        motion_word_true/-8 (the error with the true caption: at high log-SNR, whether the
+        fine levels are learned), ..."""
         return {f"motion_word_{name}/{logsnr}": values[name]
-                for logsnr, values in self(*states).items() for name in ("gap", "wins")}
+                for logsnr, values in self(*states).items() for name in ("gap", "wins", "true")}

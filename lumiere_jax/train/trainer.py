@@ -87,9 +87,11 @@ from lumiere_jax.train.preemption import PreemptionGuard
 
 # Keys that may change when a run is resumed (e.g. to train it for longer, or on another mesh).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.sample_every",
-                     "train.probe_every", "train.progress", "sample", "eval", "mesh")
-# What train.probe_every logs: the motion-word gap where only the caption can place the object,
-# and where the noisy clip starts to show it (README "Stage 1").
+                     "train.probe_every", "train.probe_logsnrs", "train.progress", "sample", "eval",
+                     "mesh")
+# Where train.probe_every probes by default (train.probe_logsnrs): the motion-word gap where
+# only the caption can place the object, and where the noisy clip starts to show it (README
+# "Stage 1"). Adding 0 and 2 shows whether the fine levels are healthy (the true caption's error).
 PROBE_LOGSNRS = (-8.0, -4.0)
 PROBE_CLIPS = 32
 
@@ -352,10 +354,15 @@ TRAIN_SCHEMA = {
 
 
 def _check_probe(config: ConfigDict) -> None:
-    """train.probe_every (optional; 0: off) needs a text-to-video STUNet to probe."""
+    """train.probe_every (optional; 0: off) needs a text-to-video STUNet to probe;
+    train.probe_logsnrs (optional) the levels to probe at."""
     if "probe_every" not in config.train:
         return
-    config_lib.validate_config(config, {"train.probe_every": config_lib.non_negative_int})
+    schema = {"train.probe_every": config_lib.non_negative_int}
+    if "probe_logsnrs" in config.train:
+        schema["train.probe_logsnrs"] = (config_lib.non_empty,
+                                         config_lib.each(config_lib.in_range(-30, 30)))
+    config_lib.validate_config(config, schema)
     if config.train.probe_every and config.model.kind != "stunet":
         raise config_lib.ConfigError(
             f"train.probe_every={config.train.probe_every} logs the motion-word probe of a "
@@ -486,7 +493,8 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
                     if probe_now:
                         if probe is None:
                             probe = MotionWordProbe(graphdef, tokenizer, config.text.max_length,
-                                                    config, PROBE_CLIPS, PROBE_LOGSNRS)
+                                                    config, PROBE_CLIPS,
+                                                    train_cfg.get("probe_logsnrs", PROBE_LOGSNRS))
                         writer.write_scalars(step, probe.scalars(state.ema, frozen))
                     t0 += time.perf_counter() - aside
             if pending is not None:
