@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 # Tests run on 8 forced host devices, two test files at a time (one per core): most of a
-# test's time is single-threaded XLA compilation.
-PYTEST_FLAGS ?= -q -n 2 --dist loadfile --durations=20
+# test's time is single-threaded XLA compilation. The slowest files go first, in the order
+# tests/conftest.py gives them (--no-loadscope-reorder), so that no long file starts last.
+PYTEST_FLAGS ?= -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 .PHONY: install demo test bench clean
 
