@@ -23,6 +23,7 @@ sharding of the batch).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -75,15 +76,26 @@ class Generator:
                  steps: int = 25, batch_size: int = 32, mesh: Mesh | None = None,
                  devices: int | Sequence[jax.Device] | None = None, window: int = 0,
                  overlap: int = 2, window_weights: str = "uniform",
-                 aug_logsnr: float = float("inf"), low_res_consistency: bool = False):
+                 aug_logsnr: float = float("inf"), low_res_consistency: bool = False,
+                 frame_correlation: float | None = None):
         """window: MultiDiffusion window in frames (0: the whole clip); overlap and
-        window_weights as in diffusion.multidiffusion. aug_logsnr: the SSR's conditioning
+        window_weights as in diffusion.multidiffusion. frame_correlation: the correlation
+        between frames of all the noise the sampler draws (each seed's starting noise, DDPM's
+        and re-noising's fresh noise, SDEdit's), None: the diffusion's, as in training. A
+        value above the training one makes the frozen per-frame layers start every frame from
+        a more similar layout (README Stage 1, session 27). aug_logsnr: the SSR's conditioning
         augmentation level at sampling time (+inf: the low-res video is used as it is).
         low_res_consistency: for an SSR, every clean estimate of the sampler is projected onto
         the videos whose block means are the low-res input (`project_to_low_res`), so the
         network only decides what downsampling removed."""
         if steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {steps}")
+        if frame_correlation is not None:
+            if not 0.0 <= frame_correlation < 1.0:
+                raise ValueError(f"sampling frame_correlation is a correlation in [0, 1) (None: "
+                                 f"the diffusion's, {diffusion.frame_correlation}), got "
+                                 f"{frame_correlation}")
+            diffusion = dataclasses.replace(diffusion, frame_correlation=float(frame_correlation))
         self.graphdef, self.state = nnx.split(model)
         self.sampler = sampler
         self.tokenizer = tokenizer

@@ -214,7 +214,8 @@ class Diffusion:
       dynamic_percentile: Imagen's p: the per-example quantile of |x0| used as the threshold.
       frame_correlation: for videos, the correlation of the noise between any two frames of
         a clip (correlate_frames; 0 = independent frames, as in the Lumiere paper), in
-        training and sampling alike.
+        training and sampling alike, unless the Generator is given its own
+        (sample.frame_correlation).
     """
 
     prediction: str = "v"
