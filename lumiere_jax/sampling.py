@@ -175,11 +175,13 @@ def ssr_one_step_psnr(generator, config: ConfigDict, truth: np.ndarray,
 MOTION_PROBE_CLIPS = 32  # `lumiere eval` probes at most this many (fewer if eval.num_samples)
 
 
-def motion_word_gaps(generator, config: ConfigDict, n: int) -> dict[str, dict[str, float]]:
+def motion_word_gaps(generator, config: ConfigDict, n: int,
+                     contrast: str = "opposite") -> dict[str, dict[str, float]]:
     """The motion-word probe (eval.motion_word) of the generator's model on n moving clips of
-    the seen split, at each log-SNR of MOTION_PROBE_LOGSNRS."""
+    the seen split, at each log-SNR of MOTION_PROBE_LOGSNRS, against the opposite or the
+    neighbouring motion (`contrast`)."""
     return MotionWordProbe(generator.graphdef, generator.tokenizer, generator.max_length,
-                           config, n)(generator.state)
+                           config, n, contrast=contrast)(generator.state)
 
 
 KNOWN_FRAME_LOGSNRS = (-8.0, -4.0, 0.0, 4.0)
@@ -340,7 +342,10 @@ def evaluate_generator(generator, config: ConfigDict, out: str, step: int | str,
         video_io.write_png(str(out_dir / f"step_{step}_{split}.png"), sheet)
     if isinstance(generator, Generator) and len(generator.sample_shape) == 4:  # a video model:
         # does it read the motion words?
-        summary["motion_word"] = motion_word_gaps(generator, config, min(n, MOTION_PROBE_CLIPS))
+        probed = min(n, MOTION_PROBE_CLIPS)
+        summary["motion_word"] = motion_word_gaps(generator, config, probed)
+        summary["motion_word_neighbour"] = motion_word_gaps(generator, config, probed,
+                                                            "neighbour")
         if generator.conditional:  # does it use a given first frame?
             summary["known_frame"] = known_frame_psnrs(generator, config,
                                                        min(n, MOTION_PROBE_CLIPS))

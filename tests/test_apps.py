@@ -268,13 +268,41 @@ def test_motion_word_gaps_measure_whether_the_model_reads_the_motion_word(text_g
         text_generator.with_params(seeing)  # the fixture is shared by the later tests
 
 
-def test_opposite_motion():
-    from lumiere_jax.data.synthetic import opposite_motion
+def test_opposite_and_neighbouring_motions():
+    from lumiere_jax.data.synthetic import neighbour_motion, opposite_motion
 
     assert [opposite_motion(m) for m in ("left", "up", "up-right")] == ["right", "down",
                                                                        "down-left"]
     with pytest.raises(ValueError, match="'still' has no opposite"):
         opposite_motion("still")
+    # 45 degrees away; of two as near, the first in MOTIONS.
+    assert {m: neighbour_motion(m) for m in ("left", "right", "up", "down", "up-right",
+                                             "down-left")} == {
+        "left": "down-left", "right": "up-right", "up": "up-right", "down": "down-left",
+        "up-right": "right", "down-left": "left"}
+    with pytest.raises(ValueError, match="'still' has no neighbouring direction"):
+        neighbour_motion("still")
+
+
+def test_motion_word_probe_contrasts_a_neighbouring_motion(text_generator, model_dir):
+    """contrast='neighbour' compares each clip's caption with the one naming the motion 45
+    degrees away: the same clips, noise and true-caption errors as the opposite contrast, a
+    different second caption."""
+    from lumiere_jax.config import read_resolved_config
+    from lumiere_jax.eval.motion_word import MotionWordProbe
+
+    g = text_generator
+    config = read_resolved_config(model_dir)
+    probes = {contrast: MotionWordProbe(g.graphdef, g.tokenizer, g.max_length, config, 4, (-2.0,),
+                                        contrast=contrast)
+              for contrast in ("opposite", "neighbour")}
+    opposite, neighbour = (probes[c](g.state)["-2"] for c in ("opposite", "neighbour"))
+    assert neighbour["true"] == opposite["true"]
+    assert neighbour["opposite"] != opposite["opposite"]
+    np.testing.assert_array_equal(probes["neighbour"].ids[0], probes["opposite"].ids[0])
+    assert not np.array_equal(probes["neighbour"].ids[1], probes["opposite"].ids[1])
+    with pytest.raises(ValueError, match="unknown motion-word contrast 'sideways'"):
+        MotionWordProbe(g.graphdef, g.tokenizer, g.max_length, config, 4, contrast="sideways")
 
 
 def test_clean_estimates_are_the_one_step_edit(text_generator):
@@ -394,3 +422,4 @@ def test_sampling_frame_correlation_changes_only_the_samplers_noise(text_generat
         config.sample.frame_correlation = value
         made = make_generator(model, config, independent, g.tokenizer)
         assert made.diffusion.frame_correlation == expected
+

@@ -236,7 +236,8 @@ def test_per_frame_baseline_is_the_image_model_on_every_frame(tmp_path):
         assert report["summary"][split]["n"] == 2
         assert 0.0 <= report["summary"][split]["colour_acc"] <= 1.0
     assert (tmp_path / "step_per_frame.json").exists()
-    assert set(report["summary"]["motion_word"]) == {"-8", "-4", "-2", "0", "2"}
+    for contrast in ("motion_word", "motion_word_neighbour"):
+        assert set(report["summary"][contrast]) == {"-8", "-4", "-2", "0", "2"}
     unet = load_config("configs/shapes_t2i.py:smoke")
     with pytest.raises(ValueError, match="per-frame baseline needs a video"):
         evaluate_per_frame(unet, str(tmp_path))

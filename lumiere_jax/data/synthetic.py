@@ -399,6 +399,17 @@ def opposite_motion(motion: str) -> str:
     return next(m for m, d in MOTION_DIRECTIONS.items() if d == (-dx, -dy))
 
 
+def neighbour_motion(motion: str) -> str:
+    """The other motion nearest in direction, 45 degrees away ("left" -> "down-left"); of two
+    equally near ("up-right": "right" and "up"), the first in MOTIONS."""
+    if motion not in MOTION_DIRECTIONS or motion == "still":
+        raise ValueError(f"{motion!r} has no neighbouring direction; moving motions: "
+                         f"{', '.join(m for m in MOTIONS if m != 'still')}")
+    direction = np.array(MOTION_DIRECTIONS[motion])
+    others = [m for m in MOTIONS if m not in ("still", motion)]
+    return max(others, key=lambda m: float(direction @ np.array(MOTION_DIRECTIONS[m])))
+
+
 def caption_for(attrs: dict[str, Any]) -> str:
     """Caption of `attrs`; None attributes are left out ("a red circle", "a small shape")."""
     check_attributes(attrs)

@@ -3,9 +3,14 @@ weights of the model: the trainer logs it during training, `lumiere eval` report
 
 For the first n moving clips of the seen ('test') split, noised (the config's frame-correlated
 noise, one draw) to a log-SNR, the probe compares the MSE of the model's prediction of its
-target (v or eps) with the clip's own caption ('true') and with the caption that names the
-opposite motion ('opposite'). 'gap' is opposite - true (> 0 when the motion word helps) and
-'wins' the fraction of clips on which the true caption gives the strictly lower error.
+target (v or eps) with the clip's own caption ('true') and with the caption that names another
+motion ('opposite'). 'gap' is opposite - true (> 0 when the motion word helps) and 'wins' the
+fraction of clips on which the true caption gives the strictly lower error.
+
+The other motion is the opposite one by default ("right" for "left"): whether the model reads
+the word at all. `contrast="neighbour"` takes the motion 45 degrees away instead ("down-left"
+for "left"), a smaller difference that a model can read the word well enough to tell left from
+right and still blur (its samples then drift towards the neighbour).
 
 A model that ignores the word has gap 0 and wins near 0.5 (exactly 0 when both captions encode
 alike, as ties do not count). The gap a perfect model reaches is largest at low log-SNR, where
@@ -25,13 +30,14 @@ from jax.experimental.multihost_utils import process_allgather
 from ml_collections import ConfigDict
 
 from lumiere_jax.data.pipeline import world_from_config
-from lumiere_jax.data.synthetic import ShapesSource, caption_for, opposite_motion
+from lumiere_jax.data.synthetic import ShapesSource, caption_for, neighbour_motion, opposite_motion
 from lumiere_jax.diffusion import schedules
 from lumiere_jax.diffusion.schedules import Diffusion
 from lumiere_jax.generate import from_uint8
 from lumiere_jax.text.tokenizers import Tokenizer
 
 MOTION_PROBE_LOGSNRS = (-8.0, -4.0, -2.0, 0.0, 2.0)
+MOTION_CONTRASTS = {"opposite": opposite_motion, "neighbour": neighbour_motion}
 
 
 class MotionWordProbe:
@@ -40,7 +46,12 @@ class MotionWordProbe:
     training steps costs forward passes only."""
 
     def __init__(self, graphdef: nnx.GraphDef, tokenizer: Tokenizer, max_length: int,
-                 config: ConfigDict, n: int, logsnrs=MOTION_PROBE_LOGSNRS):
+                 config: ConfigDict, n: int, logsnrs=MOTION_PROBE_LOGSNRS,
+                 contrast: str = "opposite"):
+        if contrast not in MOTION_CONTRASTS:
+            raise ValueError(f"unknown motion-word contrast {contrast!r}; choose one of "
+                             f"{', '.join(MOTION_CONTRASTS)}")
+        other_motion = MOTION_CONTRASTS[contrast]
         world = world_from_config(config)
         if world.num_frames < 2:
             raise ValueError("the motion-word probe needs a video world (world.num_frames > 1); "
@@ -51,11 +62,11 @@ class MotionWordProbe:
         clips = list(itertools.islice(moving, n))  # renders only until n are found
         if not clips:
             raise ValueError(f"the motion-word probe needs n >= 1 moving clips, got n={n}")
-        wrong = [caption_for({**ex["attrs"], "motion": opposite_motion(ex["attrs"]["motion"])})
+        wrong = [caption_for({**ex["attrs"], "motion": other_motion(ex["attrs"]["motion"])})
                  for ex in clips]
         tokens = [tokenizer.encode_batch(c, max_length)
                   for c in ([ex["caption"] for ex in clips], wrong)]
-        self.ids = jnp.asarray(np.stack([t.ids for t in tokens]))  # [2, n, L]: true, opposite
+        self.ids = jnp.asarray(np.stack([t.ids for t in tokens]))  # [2, n, L]: true, other
         self.mask = jnp.asarray(np.stack([t.mask for t in tokens]))
         self.logsnrs = tuple(float(v) for v in logsnrs)
         diffusion = Diffusion.from_config(config.diffusion)
