@@ -127,11 +127,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.mesh = dict(data=1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1), rules=())
     # frame_correlation: of the sampler's noise (None: diffusion.frame_correlation, as
     # trained); 0.95 with a model trained at 0.5 keeps small objects in place (README Stage 1).
+    # guidance_interval: (low, high) log-SNRs where guidance applies (None: every step).
     # window: MultiDiffusion over windows of that many frames (0: the whole clip), for clips
     # longer than training's (world.num_frames), e.g. 19 frames in 16-frame windows at stride 1.
     c.sample = dict(sampler="ddim", steps=20, guidance=3.0, batch_size=16,
                     devices=0,  # 0: each batch split over all local devices, 1: one
-                    frame_correlation=None, window=0, overlap=2, window_weights="uniform")
+                    frame_correlation=None, guidance_interval=None, window=0, overlap=2,
+                    window_weights="uniform")
     c.eval = dict(num_samples=96, seed=1000)
     if arg.smoke:
         c.train.update(steps=4, decay_steps=6, batch_size=2, log_every=1, ckpt_every=2,

@@ -77,7 +77,8 @@ class Generator:
                  devices: int | Sequence[jax.Device] | None = None, window: int = 0,
                  overlap: int = 2, window_weights: str = "uniform",
                  aug_logsnr: float = float("inf"), low_res_consistency: bool = False,
-                 frame_correlation: float | None = None):
+                 frame_correlation: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None):
         """window: MultiDiffusion window in frames (0: the whole clip); overlap and
         window_weights as in diffusion.multidiffusion. frame_correlation: the correlation
         between frames of all the noise the sampler draws (each seed's starting noise, DDPM's
@@ -87,7 +88,11 @@ class Generator:
         augmentation level at sampling time (+inf: the low-res video is used as it is).
         low_res_consistency: for an SSR, every clean estimate of the sampler is projected onto
         the videos whose block means are the low-res input (`project_to_low_res`), so the
-        network only decides what downsampling removed."""
+        network only decides what downsampling removed. guidance_interval: (low, high)
+        log-SNRs; the guidance scale applies only to the sampler's steps whose level is in
+        [low, high] and every other step is conditional (scale 1), as in Kynkaenniemi et al.
+        2024: e.g. (-inf, -1) guides the levels where the caption still decides the layout
+        and leaves the fine levels, where strong guidance costs detail, alone. None: all."""
         if steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {steps}")
         if frame_correlation is not None:
@@ -96,6 +101,12 @@ class Generator:
                                  f"the diffusion's, {diffusion.frame_correlation}), got "
                                  f"{frame_correlation}")
             diffusion = dataclasses.replace(diffusion, frame_correlation=float(frame_correlation))
+        if guidance_interval is not None:
+            low, high = (float(v) for v in guidance_interval)
+            if not low <= high:
+                raise ValueError(f"guidance_interval is (low, high) in log-SNR with low <= high, "
+                                 f"got {tuple(guidance_interval)}")
+            guidance_interval = (low, high)
         self.graphdef, self.state = nnx.split(model)
         self.sampler = sampler
         self.tokenizer = tokenizer
@@ -125,7 +136,11 @@ class Generator:
                 # The sampler applies the config's thresholding (diffusion.thresholding).
                 if not use_guidance:  # every scale is 1: the conditional prediction alone
                     return model(z, jnp.broadcast_to(logsnr, (z.shape[0],)), c)
-                return classifier_free_guidance(model, c, n, scale)(z, logsnr)
+                w = scale
+                if guidance_interval is not None:  # outside it, the conditional prediction
+                    low, high = guidance_interval
+                    w = jnp.where((logsnr >= low) & (logsnr <= high), scale, 1.0)
+                return classifier_free_guidance(model, c, n, w)(z, logsnr)
 
             if len(self.sample_shape) == 4:
                 return multidiffusion(guided, frames, window, overlap, window_weights,
@@ -223,6 +238,7 @@ class Generator:
                                                   "batch_mesh", "resample"), **out_replicated)
         self.conditional = isinstance(model.net, STUNet) and model.net.cfg.cond_channels > 0
         self.window = window
+        self.guidance_interval = guidance_interval
 
     def with_params(self, *states: nnx.State) -> "Generator":
         """Use these parameter states (e.g. the EMA and the frozen weights) from now on.

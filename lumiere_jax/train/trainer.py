@@ -556,7 +556,8 @@ def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
     """A sampler for `model` with the run's sampling settings (config.sample): sampler,
     steps, batch, and for videos the MultiDiffusion window (sample.window, 0: whole clip),
     overlap and window_weights; the noise's correlation between frames (sample.frame_correlation,
-    None or absent: the diffusion's); for the SSR the augmentation time of its low-res input
+    None or absent: the diffusion's); the log-SNRs that are guided (sample.guidance_interval,
+    (low, high); None or absent: all); for the SSR the augmentation time of its low-res input
     (sample.aug_time in [0, 1], mapped through the diffusion schedule; 0: clean) and whether
     its estimates are kept consistent with that input (sample.low_res_consistency).
 
@@ -583,7 +584,8 @@ def make_generator(model: Denoiser, config: ConfigDict, diffusion: Diffusion,
                      window_weights=sample.get("window_weights", "uniform"),
                      aug_logsnr=aug_logsnr,
                      low_res_consistency=bool(sample.get("low_res_consistency", False)),
-                     frame_correlation=sample.get("frame_correlation"))
+                     frame_correlation=sample.get("frame_correlation"),
+                     guidance_interval=sample.get("guidance_interval"))
 
 
 def preview_examples(config: ConfigDict, n: int) -> list[dict[str, Any]]:
