@@ -33,7 +33,9 @@ temporally down-sampled levels (README Stage 1, session 27):
 frames than in training (the frozen per-frame layers then agree on a layout), and
 `--config.world.num_frames=19 --config.sample.window=16 --config.sample.overlap=15` samples a
 19-frame clip with MultiDiffusion over 16-frame windows at stride 1, so every frame is pooled
-in all four phases of the 8x8 level.
+in all four phases of the 8x8 level. `--config.sample.guidance=8
+--config.sample.guidance_interval="(-100.0,-2.0)"` guides strongly only the noisy steps, where
+the caption places the object, and leaves the fine ones conditional (session 28).
 
 Ablations (the paper's, rerun here): `:sampling=none` (no temporal down/up-sampling),
 `:sampling_init=random` (temporal sampling randomly initialised), `:attention=false`; and
