@@ -9,8 +9,8 @@ fraction of clips on which the true caption gives the strictly lower error.
 
 The other motion is the opposite one by default ("right" for "left"): whether the model reads
 the word at all. `contrast="neighbour"` takes the motion 45 degrees away instead ("down-left"
-for "left"), a smaller difference that a model can read the word well enough to tell left from
-right and still blur (its samples then drift towards the neighbour).
+for "left"), a smaller difference: a model can read the word well enough to tell left from
+right and still blur it with its neighbour (its samples then drift that way).
 
 A model that ignores the word has gap 0 and wins near 0.5 (exactly 0 when both captions encode
 alike, as ties do not count). The gap a perfect model reaches is largest at low log-SNR, where
