@@ -40,6 +40,8 @@ the caption places the object, and leaves the fine ones conditional (session 28)
 Ablations (the paper's, rerun here): `:sampling=none` (no temporal down/up-sampling),
 `:sampling_init=random` (temporal sampling randomly initialised), `:attention=false`; and
 `:text=false,conv_spatial=1,frame_correlation=0` (the paper's temporal layers alone).
+`:sampling=none,init_from=DIR` starts the ablation from the export of a STUNet that has temporal
+down/up-sampling: every parameter by name, its sampling kernels left out (init_unused_params).
 
 The conditional variant (`:masked`): the trained STUNet (default init_from
 checkpoints/shapes_stunet) plus a zero-initialised input for the masked video and its mask
@@ -78,6 +80,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # parameters it may lack, which keep their initialisation. From the image model: ignored
     # (inflation makes all of net/temporal new).
     c.init_new_params = "^net/temporal/cond_in/" if arg.masked else r"$^"
+    # ... and those of its parameters this model may leave out: an ablation without (some)
+    # temporal down/up-sampling may start from a STUNet that has it (README Stage 1, run e6).
+    c.init_unused_params = r"$^" if arg.sampling == "all" else r"^net/temporal/(down|up)/"
     c.world = dict(num_frames=16, height=32, width=32, fps=8.0, seed=0)
     # source: 'shapes' (generated on the fly), 'shards' (data.path: `lumiere data synth` or
     # `lumiere data import` output) or 'tfds' (data.tfds_name, data.path = its data_dir).

@@ -111,6 +111,36 @@ def test_inflation_from_another_architecture_lists_what_differs():
     assert "unexpected" not in message and "missing" not in message
 
 
+def test_the_ablation_without_temporal_sampling_starts_from_a_stunet_that_has_it(tmp_path):
+    """`:sampling=none` from an export with temporal down/up-sampling: every parameter it has
+    is copied by name, and only the source's sampling kernels are left out, as its config
+    declares; without the declaration they are listed as unexpected."""
+    from lumiere_jax.train.export import export_model, inflate_from_export
+
+    source = build_denoiser(load_config(CONFIG), nnx.Rngs(1))
+    state = nnx.state(source, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(2), 500))
+    nnx.update(source, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape),
+                                    state))
+    export = str(tmp_path / "stunet")
+    export_model(source, load_config(CONFIG), export, step=0, source="test")
+    config = load_config(CONFIG + ",sampling=none")
+    model = build_denoiser(config, nnx.Rngs(0))
+    with pytest.raises(InflationError, match=r"(?s)unexpected \(unused\) \(4\):\n"
+                       r"  net/temporal/down/.*may leave out are those matching '\$\^'"):
+        inflate_from_export(model, export)
+    report = inflate_from_export(model, export, config.init_new_params,
+                                 config.init_unused_params)
+    source_flat, model_flat = (_flat(nnx.state(source, nnx.Param)),
+                               _flat(nnx.state(model, nnx.Param)))
+    left_out = sorted(set(source_flat) - set(model_flat))
+    assert left_out and all(p.startswith(("net/temporal/down/", "net/temporal/up/"))
+                            for p in left_out)
+    assert report == {"copied": len(model_flat), "new": 0, "unused": len(left_out)}
+    for path, value in model_flat.items():
+        np.testing.assert_array_equal(value, source_flat[path], err_msg=path)
+
+
 def test_remat_keeps_gradients_and_saves_fewer_activations():
     from lumiere_jax.plan import saved_residuals
 

@@ -4,7 +4,9 @@ The spatial weights are copied by name, unchanged: the image model's `net/...` b
 STUNet's `net/unet/...` and `text_encoder/...` stays where it is (t5x-style assignment rules,
 first match wins). Everything under `net/temporal` is new and keeps its initialisation. Any
 other spatial parameter that finds no source, a source of another shape, or a source left
-unused is an error that lists them all: that is a checkpoint of another architecture.
+unused is an error that lists them all: that is a checkpoint of another architecture. The
+caller may declare which targets may be new (`new_params`) and which sources may go unused
+(`unused_params`), e.g. to start an ablation from a model that has a layer it drops.
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ def _source_path(path: str, rules: Sequence[tuple[str, str]]) -> str | None:
 
 def inflate(model: Denoiser, source: Mapping[str, Any], *,
             rules: Sequence[tuple[str, str]] = IMAGE_TO_VIDEO_RULES,
-            new_params: str = NEW_PARAMS, where: str = "the source checkpoint") -> dict:
+            new_params: str = NEW_PARAMS, unused_params: str = r"$^",
+            where: str = "the source checkpoint") -> dict:
     """Copies `source` (a pure dict of the image denoiser's params) into `model` in place;
-    parameters matching the regex `new_params` that the source lacks keep their initialisation.
+    parameters matching the regex `new_params` that the source lacks keep their initialisation,
+    and source parameters matching `unused_params` that the model lacks are left out.
 
-    Returns {'copied': n, 'new': n}. Raises InflationError listing every mismatch.
+    Returns {'copied': n, 'new': n, 'unused': n}. Raises InflationError listing every mismatch.
     """
     state = nnx.state(model, nnx.Param)
     target = _flat(nnx.to_pure_dict(state))
@@ -75,7 +79,8 @@ def inflate(model: Denoiser, source: Mapping[str, Any], *,
                              f"{tuple(np.shape(src[src_path]))}")
         else:
             values[path] = src[src_path]
-    unexpected = sorted(set(src) - matched)
+    unused = sorted(set(src) - matched)
+    unexpected = [path for path in unused if not re.match(unused_params, path)]
     if missing or misshaped or unexpected:
         lines = [f"cannot initialise from {where}: its parameters do not fit this config's "
                  "model"]
@@ -89,6 +94,9 @@ def inflate(model: Denoiser, source: Mapping[str, Any], *,
         if missing:
             lines.append(f"(the parameters the source may lack, which keep their "
                          f"initialisation, are those matching {new_params!r})")
+        if unexpected:
+            lines.append(f"(the source parameters this model may leave out are those "
+                         f"matching {unused_params!r})")
         raise InflationError("\n".join(lines))
 
     def nest(flat: Mapping[str, Any]) -> dict:
@@ -104,4 +112,4 @@ def inflate(model: Denoiser, source: Mapping[str, Any], *,
     full = {**{p: v for p, v in target.items()}, **values}
     nnx.replace_by_pure_dict(state, nest(full))
     nnx.update(model, state)
-    return {"copied": len(values), "new": len(new)}
+    return {"copied": len(values), "new": len(new), "unused": len(unused)}

@@ -69,17 +69,20 @@ def load_export(directory: str) -> tuple[ConfigDict, Denoiser, dict]:
     return config, model, info
 
 
-def inflate_from_export(model: Denoiser, directory: str, new_params: str = r"$^") -> dict:
+def inflate_from_export(model: Denoiser, directory: str, new_params: str = r"$^",
+                        unused_params: str = r"$^") -> dict:
     """Initialises `model` in place from an export.
 
     From an image model into a STUNet: inflation (spatial weights by name, `net/temporal` new).
     From a model of the same kind (e.g. a STUNet into a STUNet that adds conditioning inputs,
     an image model into one fine-tuned for a style): every parameter by its own name; those
-    matching `new_params` (a regex over paths) may be absent and keep their initialisation.
+    matching `new_params` (a regex over paths) may be absent and keep their initialisation;
+    the export's parameters matching `unused_params` may have no place in `model` (e.g. the
+    temporal down/up-sampling kernels when starting the ablation without them) and are left out.
     """
     config, source_model, _ = load_export(directory)
     source = nnx.to_pure_dict(nnx.state(source_model, nnx.Param))
     if type(source_model.net) is UNet and type(model.net) is not UNet:
         return inflate(model, source, where=directory)
     return inflate(model, source, rules=SAME_NAME_RULES, new_params=new_params,
-                   where=f"{directory} (a {config.model.kind} model)")
+                   unused_params=unused_params, where=f"{directory} (a {config.model.kind} model)")

@@ -397,9 +397,11 @@ def train(config: ConfigDict, workdir: str) -> dict[str, float]:
     graphdef, params, frozen = init_sharded(config, mesh, rules)
     if start is None and config.get("init_from"):
         model = nnx.merge(graphdef, params, frozen, copy=True)  # keep params unaliased
-        # init_new_params: for an export of the same kind, the parameters it may lack.
+        # For an export of the same kind: init_new_params, the parameters it may lack;
+        # init_unused_params, those of its parameters this model may leave out.
         report = inflate_from_export(model, config.init_from,
-                                     config.get("init_new_params", r"$^"))
+                                     config.get("init_new_params", r"$^"),
+                                     config.get("init_unused_params", r"$^"))
         logging.info("initialised from %s: %s", config.init_from, report)
         _, inflated_params, inflated_frozen = split_model(model, train_cfg.trainable)
         params = place_like(inflated_params, params)
