@@ -86,8 +86,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.world = dict(num_frames=16, height=32, width=32, fps=8.0, seed=0)
     # source: 'shapes' (generated on the fly), 'shards' (data.path: `lumiere data synth` or
     # `lumiere data import` output) or 'tfds' (data.tfds_name, data.path = its data_dir).
+    # size_weights: the built-in world's object sizes drawn unevenly, e.g.
+    # --config.data.size_weights.small=3 for three small objects to one large (equal: uniform).
     c.data = dict(source="shapes", split="train", path="", num_workers=0, clip_frames=0,
-                  frame_strides=(1,))
+                  frame_strides=(1,), size_weights=dict(small=1.0, large=1.0))
     # One token per caption word (the world's closed vocabulary; unknown words are errors).
     c.text = dict(preset="tiny", tokenizer="shapes", vocab_path="", max_length=16)
     levels = {"all": None, "none": (), "coarse": (1,)}

@@ -189,6 +189,14 @@ def test_the_built_in_world_stays_the_default_source():
     assert pipeline.skipped_in_batch(batch) == 0
 
 
+def test_size_weights_reach_the_built_in_source():
+    source = pipeline.make_source(make_config(size_weights={"small": 1.0, "large": 0.0}))
+    assert {source[i]["attrs"]["size"] for i in range(30)} == {"small"}
+    equal = pipeline.make_source(make_config(size_weights={"small": 1.0, "large": 1.0}))
+    default = pipeline.make_source(make_config())  # as configs/shapes_stunet.py's default
+    np.testing.assert_array_equal(equal[5]["video"], default[5]["video"])
+
+
 def test_global_batch_spreads_the_process_batch_over_the_mesh():
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     local = {"pixels": np.arange(8 * 3, dtype=np.float32).reshape(8, 3),

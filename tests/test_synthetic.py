@@ -82,6 +82,28 @@ def test_attribute_values_all_appear():
     assert len(S.MOTIONS) == 7 and len(S.COLOURS) == 6 and len(S.BACKGROUNDS) == 4
 
 
+def test_size_weights_oversample_and_equal_weights_keep_the_clips():
+    world = S.ShapesWorld(num_frames=4)
+    plain = S.ShapesSource(world, "train", 600)
+    equal = S.ShapesSource(world, "train", 600, size_weights={"small": 2.0, "large": 2.0})
+    for i in range(20):  # equal weights draw exactly as no weights
+        np.testing.assert_array_equal(plain[i]["video"], equal[i]["video"])
+    skewed = S.ShapesSource(world, "train", 600, size_weights={"small": 3, "large": 1})
+    small = np.mean([skewed[i]["attrs"]["size"] == "small" for i in range(600)])
+    assert abs(small - 0.75) < 0.05, small  # 3 : 1, within 3 standard errors of 600 draws
+    assert abs(np.mean([plain[i]["attrs"]["size"] == "small" for i in range(600)]) - 0.5) < 0.06
+    only_small = S.ShapesSource(world, "test", 50, size_weights={"small": 1})
+    assert {only_small[i]["attrs"]["size"] for i in range(50)} == {"small"}
+    # The rest of the clip is still drawn: every motion and colour appears.
+    assert {skewed[i]["attrs"]["motion"] for i in range(600)} == set(S.MOTIONS)
+    with pytest.raises(ValueError, match=r"unknown sizes \['tiny'\]"):
+        S.ShapesSource(world, "train", 10, size_weights={"tiny": 1, "small": 1})
+    with pytest.raises(ValueError, match="not all 0"):
+        S.ShapesSource(world, "train", 10, size_weights={"small": 0, "large": 0})
+    with pytest.raises(ValueError, match=">= 0"):
+        S.ShapesSource(world, "train", 10, size_weights={"small": -1, "large": 2})
+
+
 def test_colours_are_far_from_each_other_and_from_backgrounds():
     palette = np.array(list(S.COLOURS.values()), float)
     gaps = np.linalg.norm(palette[:, None] - palette[None], axis=-1)

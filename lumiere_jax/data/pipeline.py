@@ -29,6 +29,8 @@ Config keys read (all under config.data, all optional except as noted):
     read_ahead     records decoded ahead in each process     (default 2 x local batch)
     num_examples   source='shapes': only its first N clips; 0 = unbounded (default 0)
     style          source='shapes': objects in a style of synthetic.STYLES  (default plain)
+    size_weights   source='shapes': {size: weight}, e.g. {'small': 3, 'large': 1}
+                   to oversample small objects                        (default uniform)
 """
 
 from __future__ import annotations
@@ -115,8 +117,10 @@ def make_source(config: ConfigDict):
         # num_examples > 0: only the first few clips (e.g. a handful of style images);
         # style: the world's objects rendered in a style (synthetic.STYLES), '' or None plain.
         size = int(data.get("num_examples", 0) or 0) or EPOCH_SIZE
+        weights = data.get("size_weights")
         return ShapesSource(world_from_config(config), data.get("split", "train"), size,
-                            style=data.get("style") or None)
+                            style=data.get("style") or None,
+                            size_weights=dict(weights) if weights else None)
     if kind == "shards":
         if not data.get("path"):
             raise ValueError("config.data.source='shards' needs config.data.path (a shard "

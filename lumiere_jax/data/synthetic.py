@@ -204,21 +204,46 @@ def combinations(split: str) -> tuple[tuple[str, str], ...]:
 
 
 def sample_attributes(
-    rng: np.random.Generator, split: str = "train", *, with_motion: bool = True
+    rng: np.random.Generator, split: str = "train", *, with_motion: bool = True,
+    size_probs: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """Draw the semantic attributes (shape, colour, size, motion, background) for `split`.
 
     with_motion=False leaves motion None (single images: their captions name no motion).
+    size_probs: probability of each of SIZES (`size_probabilities`); None draws them uniformly
+    with the stream every config so far used.
     """
     pairs = combinations(split)
     colour, shape = pairs[rng.integers(len(pairs))]
+    sizes = tuple(SIZES)
     return {
         "shape": shape,
         "colour": colour,
-        "size": _choice(rng, tuple(SIZES)),
+        "size": (_choice(rng, sizes) if size_probs is None
+                 else sizes[int(rng.choice(len(sizes), p=size_probs))]),
         "motion": _choice(rng, MOTIONS) if with_motion else None,
         "background": _choice(rng, tuple(BACKGROUNDS)),
     }
+
+
+def size_probabilities(size_weights: dict[str, float] | None) -> tuple[float, ...] | None:
+    """{size: weight} (unnamed sizes weigh 0) -> a probability per SIZES, in its order.
+
+    Equal weights (or None) give None: the uniform draw, so such a config keeps its clips.
+    Oversampling small objects ({'small': 3, 'large': 1}) gives their smaller share of the
+    loss more of the batches (README Stage 1, session 31).
+    """
+    if size_weights is None:
+        return None
+    unknown = sorted(set(size_weights) - set(SIZES))
+    if unknown:
+        raise ValueError(f"size_weights names unknown sizes {unknown}; sizes are {list(SIZES)}")
+    weights = np.array([float(size_weights.get(size, 0.0)) for size in SIZES])
+    if not (np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights.sum() > 0):
+        raise ValueError(f"size_weights must be finite, >= 0 and not all 0, got {size_weights}")
+    if np.all(weights == weights[0]):
+        return None
+    return tuple(float(w) for w in weights / weights.sum())
 
 
 def complete_attributes(attrs: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -468,11 +493,14 @@ class ShapesSource:
     Usable directly as a Grain source: grain.MapDataset.source(ShapesSource(...)).
     style: None (plain) or one of STYLES: the same clips, captions and attrs, the objects
     rendered in that style.
+    size_weights: {size: weight} to draw object sizes unevenly (`size_probabilities`); None
+    or equal weights: uniformly, the same clips as without it.
     """
 
     def __init__(self, world: ShapesWorld, split: str = "train", size: int = 1024,
-                 style: str | None = None):
+                 style: str | None = None, size_weights: dict[str, float] | None = None):
         _check_split(split)
+        self.size_probs = size_probabilities(size_weights)
         if style is not None and style not in STYLES:
             raise ValueError(f"unknown style {style!r}; styles: {', '.join(STYLES)} (None: plain)")
         self.style = style
@@ -493,7 +521,8 @@ class ShapesSource:
             raise IndexError(f"index {index} out of range for ShapesSource of size {self.size}")
         index %= self.size
         rng = np.random.default_rng((self.world.seed, _SPLIT_STREAM[self.split], index))
-        attrs = sample_attributes(rng, self.split, with_motion=self.world.num_frames > 1)
+        attrs = sample_attributes(rng, self.split, with_motion=self.world.num_frames > 1,
+                                  size_probs=self.size_probs)
         attrs = place(attrs, self.world, rng)
         return {
             "video": render(attrs, self.world, style=self.style),
@@ -504,6 +533,8 @@ class ShapesSource:
 
     def __repr__(self) -> str:
         style = f", style={self.style!r}" if self.style is not None else ""
+        if self.size_probs is not None:
+            style += f", size_probs={self.size_probs}"
         return f"ShapesSource({self.world}, split={self.split!r}, size={self.size}{style})"
 
 
