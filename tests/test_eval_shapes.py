@@ -81,6 +81,27 @@ def test_shuffled_frames_fail_motion(clips):
     assert scores["colour_acc"] >= 0.98 and scores["shape_acc"] >= 0.98  # only motion broke
 
 
+def test_motion_outcomes_by_size(clips):
+    seen = clips[:160]
+    truth = _accuracy(seen)["motion_by_size"]
+    sizes = [item["attrs"]["size"] for item in seen]
+    assert set(truth) == {"small", "large"}
+    for size, counts in truth.items():
+        assert sum(counts.values()) == sizes.count(size)
+        assert counts["right"] >= 0.98 * sizes.count(size), (size, counts)
+    # Played backwards, every moving clip goes the opposite way; still ones stay right.
+    reversed_ = _accuracy(seen, [item["video"][::-1] for item in seen])["motion_by_size"]
+    moving = sum(item["attrs"]["motion"] != "still" for item in seen)
+    assert sum(c["opposite"] for c in reversed_.values()) >= 0.98 * moving
+    # A moving clip captioned with a neighbouring or a still motion.
+    item = next(i for i in seen if i["attrs"]["motion"] == "right")
+    caption = item["caption"]
+    turned = E.score_batch([item["video"]] * 2, [caption.replace("moving right", "moving up-right"),
+                                                 caption.replace("moving right", "standing still")])
+    assert turned["motion_by_size"][item["attrs"]["size"]] == dict(
+        dict.fromkeys(E.MOTION_OUTCOMES, 0), neighbour=1, other=1)
+
+
 def test_wrong_colour_fails_colour(clips):
     rng = np.random.default_rng(1)
     videos = []

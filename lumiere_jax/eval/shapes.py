@@ -116,7 +116,7 @@ def score_batch(
     Returns 'n'; '<attribute>_acc' for colour, shape, size, motion, background (the fraction
     correct among videos whose caption names that attribute; None if none does); 'all_acc'
     (colour, shape and, where scored, motion all correct); mean 'stability', 'flicker',
-    'persistence' and 'shape_iou'.
+    'persistence' and 'shape_iou'; 'motion_by_size' (`motion_outcomes`).
     """
     if len(videos) != len(captions):
         raise ValueError(f"score_batch got {len(videos)} videos but {len(captions)} captions")
@@ -137,6 +137,39 @@ def score_batch(
     )
     for key in ("stability", "flicker", "persistence", "shape_iou"):
         out[key] = float(np.mean([s[key] for s in scores]))
+    out["motion_by_size"] = motion_outcomes(scores, [_target_attributes(c) for c in captions])
+    return out
+
+
+MOTION_OUTCOMES = ("right", "neighbour", "opposite", "other", "still", "erratic", "unknown")
+
+
+def motion_outcomes(scores: Sequence[dict[str, Any]],
+                    targets: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How each captioned motion came out, counted per captioned size: {size: {outcome: n}}.
+
+    Outcomes (MOTION_OUTCOMES): 'right'; for a moving caption, a detected direction 45 degrees
+    off ('neighbour'), reversed ('opposite') or otherwise ('other'); a still caption detected
+    moving is 'other'; 'still', 'erratic' (no straight path) and 'unknown' (no object) as
+    detected. Small objects fail far more often than large ones (README Stage 1), and these
+    counts say how. Videos whose caption names no size or motion are left out.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for score, target in zip(scores, targets):
+        size, wanted, got = target["size"], target["motion"], score["motion"]
+        if size is None or wanted is None or got is None:
+            continue
+        if got == wanted:
+            outcome = "right"
+        elif got in ("still", "erratic", "unknown"):
+            outcome = got
+        elif wanted == "still":
+            outcome = "other"
+        else:
+            cosine = float(np.dot(_DIRECTIONS[got], _DIRECTIONS[wanted]))
+            outcome = "neighbour" if cosine > 0.5 else "opposite" if cosine < -0.9 else "other"
+        counts = out.setdefault(size, dict.fromkeys(MOTION_OUTCOMES, 0))
+        counts[outcome] += 1
     return out
 
 
