@@ -532,10 +532,10 @@ class ShapesSource:
         }
 
     def __repr__(self) -> str:
-        style = f", style={self.style!r}" if self.style is not None else ""
+        extra = f", style={self.style!r}" if self.style is not None else ""
         if self.size_probs is not None:
-            style += f", size_probs={self.size_probs}"
-        return f"ShapesSource({self.world}, split={self.split!r}, size={self.size}{style})"
+            extra += f", size_probs={self.size_probs}"
+        return f"ShapesSource({self.world}, split={self.split!r}, size={self.size}{extra})"
 
 
 # ----------------------------------------------------------------------------------------------
