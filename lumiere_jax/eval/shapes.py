@@ -122,7 +122,8 @@ def score_batch(
         raise ValueError(f"score_batch got {len(videos)} videos but {len(captions)} captions")
     if len(videos) == 0:
         raise ValueError("score_batch needs at least one video")
-    scores = [score_video(v, c) for v, c in zip(videos, captions)]
+    targets = [_target_attributes(c) for c in captions]  # parsed once, for both uses
+    scores = [score_video(v, t) for v, t in zip(videos, targets)]
     out: dict[str, Any] = {"n": len(scores)}
     for key in synthetic.SEMANTIC_KEYS:
         marks = [s[f"{key}_ok"] for s in scores if s[f"{key}_ok"] is not None]
@@ -137,7 +138,7 @@ def score_batch(
     )
     for key in ("stability", "flicker", "persistence", "shape_iou"):
         out[key] = float(np.mean([s[key] for s in scores]))
-    out["motion_by_size"] = motion_outcomes(scores, [_target_attributes(c) for c in captions])
+    out["motion_by_size"] = motion_outcomes(scores, targets)
     return out
 
 
